@@ -1,0 +1,27 @@
+"""privgrad: transparent, exact and fast DP-SGD for PyTorch."""
+
+from privgrad import clipping, validate
+from privgrad.engine import DPEngine
+from privgrad.errors import (
+    GradientStateError,
+    InvalidLossError,
+    MissingGradientError,
+    NonFiniteGradientError,
+    PrivgradError,
+    UnsupportedModelError,
+)
+from privgrad.trace import StepTrace
+
+__all__ = [
+    "DPEngine",
+    "GradientStateError",
+    "InvalidLossError",
+    "MissingGradientError",
+    "NonFiniteGradientError",
+    "PrivgradError",
+    "StepTrace",
+    "UnsupportedModelError",
+    "clipping",
+    "validate",
+]
+__version__ = "0.1.0"

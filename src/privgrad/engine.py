@@ -1,0 +1,229 @@
+"""``DPEngine``: the thin stateful shell around privgrad's pure per-sample core.
+
+The engine holds the configuration, the noise source and the step count; it records
+layer inputs through ``per_sample.capture``, calls the core, writes ``p.grad`` and returns
+a ``StepTrace``. The model is never wrapped: its class, forward and ``state_dict`` keys are
+unchanged (only forward hooks are added; ``engine.close()`` removes them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from privgrad import guards, validate
+from privgrad.clipping import ClipPlan, ClipRule, Flat, group_norms
+from privgrad.noise import NoiseSource
+from privgrad.per_sample.batch import check_batch_sizes, output_grads, per_sample_grads
+from privgrad.per_sample.capture import Capture
+from privgrad.per_sample.plan import plan_units
+from privgrad.trace import KEEPABLE, StepTrace, clip, private_gradient
+
+MODES = ("auto", "materialize", "vmap")
+
+
+class DPEngine:
+    """Differentially private gradients for any ``nn.Module``, with every stage visible.
+
+    ``backward(losses)`` writes ``p.grad = (sum_i f_i g_i + N(0, σ²S²)) / expected_batch_size``
+    for every trainable parameter, where ``g_i`` is sample ``i``'s gradient, ``f_i`` its
+    clip factor and ``S`` the sensitivity of the clipping rule (``max_grad_norm`` for flat
+    clipping), then any ``torch.optim`` optimizer can step.
+
+    Formal guarantees:
+        Each call of ``backward`` is one Gaussian mechanism with L2 sensitivity ``S`` on the
+        clipped sum and noise std ``σS`` (add/remove-one-sample adjacency). With Poisson
+        sampling at rate ``q`` the step is a Poisson-subsampled Gaussian mechanism with
+        noise multiplier ``σ``. Only ``p.grad`` (``trace.private_grad``) is private; every
+        other field of the returned trace is NOT.
+
+    Args:
+        model: Any ``nn.Module``; never wrapped. Build the engine before the forward pass.
+        noise_multiplier: ``σ >= 0`` (0 is non-private).
+        max_grad_norm: ``C`` for flat clipping; leave ``None`` when ``clipping`` is given.
+        expected_batch_size: The normaliser of the private gradient (``q·N`` under Poisson
+            sampling), a privacy-relevant constant, never the realised batch size.
+        clipping: A rule from ``privgrad.clipping`` (``PerLayer``, ``Automatic``, ...).
+        mode: ``"auto"`` | ``"materialize"`` | ``"vmap"``: performance only, the result is
+            the same in every mode.
+        seed: ``None`` for noise from OS entropy; an int for reproducible noise that is NOT
+            secure.
+        self_check: Verify on the first step that the per-sample gradients add up to the
+            ordinary batch gradient (costs one extra backward, once).
+
+    Edge cases:
+        ==========================  ==================================================
+        σ = 0, C = ∞                p.grad = sum of per-sample grads / expected_batch_size
+        C = 0                       clipped sum is 0; p.grad is pure noise
+        σ > 0, C = ∞                rejected (infinite noise)
+        empty batch (B = 0)         p.grad is pure noise / expected_batch_size
+        NaN/Inf in a sample         NonFiniteGradientError naming the sample; no step
+        zero-norm sample            factor 1
+        ==========================  ==================================================
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        noise_multiplier: float,
+        max_grad_norm: float | None = None,
+        expected_batch_size: float | None = None,
+        clipping: ClipRule | None = None,
+        mode: str = "auto",
+        seed: int | None = None,
+        self_check: bool = True,
+    ) -> None:
+        validate.check(model)
+        self.model = model
+        self.noise_multiplier = _check_sigma(noise_multiplier)
+        self.expected_batch_size = _check_ebs(expected_batch_size)
+        if mode not in MODES:
+            raise ValueError(f"privgrad: mode={mode!r} is not one of {MODES}.")
+        self.mode = mode
+        self.clipping = _clip_rule(max_grad_norm, clipping)
+        self.noise = NoiseSource(seed)
+        self.self_check = self_check
+        self.steps = 0
+        self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self.plan: ClipPlan = self.clipping.bind(list(self._params))
+        if self.noise_multiplier > 0 and math.isinf(self.plan.sensitivity):
+            raise ValueError(
+                "privgrad: max_grad_norm=inf with noise_multiplier > 0 would add infinite "
+                "noise. Fix: a finite max_grad_norm, or noise_multiplier=0 for non-private runs."
+            )
+        self._capture = Capture(plan_units(model, use_rules=mode != "vmap"))
+        self._grads = guards.GradLedger()
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise on the clipped sum: ``σ · sensitivity``."""
+        return 0.0 if self.noise_multiplier == 0 else self.noise_multiplier * self.plan.sensitivity
+
+    def backward(self, losses: torch.Tensor, keep: Iterable[str] | str = ()) -> StepTrace:
+        """Computes the private gradient of one step and writes it to ``p.grad``.
+
+        Args:
+            losses: Per-sample losses, shape ``(B,)`` (``reduction="none"``).
+            keep: Per-sample gradients to hold in the trace: ``"pre_clip"``,
+                ``"post_clip"``. Anything not kept can still be asked for later.
+
+        Returns:
+            The step's ``StepTrace`` (NOT PRIVATE except ``private_grad``).
+        """
+        keep = _check_keep(keep)
+        losses = guards.check_losses(losses)
+        trainable = {n: p for n, p in self._params.items() if p.requires_grad}
+        self._grads.check(trainable)
+        calls = self._capture.take()
+        B = losses.shape[0]
+        ios = []
+        reference = None
+        if B > 0:
+            if not losses.requires_grad:
+                raise guards.not_connected(losses)
+            if self.self_check and self.steps == 0:
+                reference = dict(zip(trainable, torch.autograd.grad(
+                    losses.sum(), list(trainable.values()), retain_graph=True, allow_unused=True
+                ), strict=True))
+            ios = output_grads(losses, calls)
+            if not ios:
+                raise guards.not_connected(losses)
+            check_batch_sizes(ios, B)
+        psg = per_sample_grads(ios, self._names, B) if B > 0 else {}
+        if B > 0:
+            guards.check_complete(trainable, psg)
+        psg = {n: psg[n] if n in psg else p.new_zeros(0, *p.shape) for n, p in trainable.items()}
+        layer_sq = {n: g.flatten(1).square().sum(1) for n, g in psg.items()}
+        total_sq = sum(layer_sq.values()) if layer_sq else losses.new_zeros(B)
+        guards.check_finite(total_sq, layer_sq)
+        if reference is not None:
+            guards.self_check(reference, psg)
+        factors = self.plan.factors(group_norms(layer_sq, self.plan.group_of))
+        param_factors = {n: factors[self.plan.group_of[n]] for n in psg}
+        clipped_sum = {
+            n: torch.tensordot(param_factors[n].to(g.dtype), g, dims=1) for n, g in psg.items()
+        }
+        noise = self.noise.gaussian(clipped_sum, self.noise_std)
+        private = private_gradient(clipped_sum, noise, self.expected_batch_size)
+        for n, p in trainable.items():
+            p.grad = private[n]
+            self._grads.record(n, private[n])
+        self.steps += 1
+        kept = {}
+        if "pre_clip" in keep:
+            kept["pre_clip"] = psg
+        if "post_clip" in keep:
+            kept["post_clip"] = {n: clip(param_factors[n], g, None) for n, g in psg.items()}
+        return StepTrace(
+            norms=total_sq.sqrt(),
+            layer_norms={n: s.sqrt() for n, s in layer_sq.items()},
+            clip_factors=factors["all"] if self.plan.is_flat else factors,
+            param_clip_factors=param_factors,
+            clipped_sum=clipped_sum,
+            noise=noise,
+            noise_std=self.noise_std,
+            expected_batch_size=self.expected_batch_size,
+            batch_size=B,
+            _ios=ios,
+            _names=self._names,
+            _shapes={n: p.shape for n, p in trainable.items()},
+            _kept=kept,
+        )
+
+    def close(self) -> None:
+        """Removes privgrad's hooks from the model."""
+        self._capture.close()
+
+    def __enter__(self) -> DPEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_sigma(sigma: float) -> float:
+    sigma = float(sigma)
+    if not (sigma >= 0 and math.isfinite(sigma)):
+        raise ValueError(
+            f"privgrad: noise_multiplier must be a finite number >= 0, got {sigma}. Fix: pick "
+            "one for your budget with pg.accounting.calibrate_noise(...), or 0 for non-private."
+        )
+    return sigma
+
+
+def _check_ebs(ebs: float | None) -> float:
+    if ebs is None or not float(ebs) > 0 or not math.isfinite(float(ebs)):
+        raise ValueError(
+            f"privgrad: expected_batch_size must be a positive number, got {ebs}. It is the "
+            "fixed normaliser of the private gradient (sample rate × dataset size under "
+            "Poisson sampling). Fix: DPEngine(model, ..., expected_batch_size=256)."
+        )
+    return float(ebs)
+
+
+def _clip_rule(max_grad_norm: float | None, clipping: ClipRule | None) -> ClipRule:
+    if clipping is not None and max_grad_norm is not None:
+        raise ValueError(
+            "privgrad: pass either max_grad_norm (flat clipping) or clipping=..., not both: "
+            "the clipping rule carries its own thresholds. Fix: drop max_grad_norm."
+        )
+    if clipping is not None:
+        return clipping
+    if max_grad_norm is None:
+        raise ValueError(
+            "privgrad: no clipping threshold. Fix: DPEngine(model, ..., max_grad_norm=1.0) "
+            "or clipping=pg.clipping.PerLayer({...})."
+        )
+    return Flat(max_grad_norm)
+
+
+def _check_keep(keep: Iterable[str] | str) -> tuple[str, ...]:
+    keep = (keep,) if isinstance(keep, str) else tuple(keep)
+    bad = [k for k in keep if k not in KEEPABLE]
+    if bad:
+        raise ValueError(f"privgrad: keep={bad} not understood; choose from {KEEPABLE}.")
+    return keep

@@ -1,0 +1,84 @@
+"""Gaussian noise for the clipped sum: secure (OS entropy) or seeded (reproducible).
+
+``seed=None`` draws a fresh 64-bit seed from the operating system's entropy pool
+(``os.urandom``) for every step, so no step's noise can be predicted from another's.
+The floating-point Gaussian sampler itself is PyTorch's; like every PyTorch DP library
+without a dedicated secure sampler, it is not hardened against floating-point attacks
+(Mironov, 2012). An integer ``seed`` makes runs reproducible and is NOT secure: anyone
+who knows the seed can subtract the noise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+
+class NoiseSource:
+    """Draws the noise of each step.
+
+    Args:
+        seed: ``None`` for OS entropy (secure), an int for reproducible noise (NOT secure).
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._gens: dict[torch.device, torch.Generator] = {}
+
+    @property
+    def secure(self) -> bool:
+        """``True`` when noise is seeded from OS entropy."""
+        return self.seed is None
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.seed is None:
+            g = torch.Generator(device=device)
+            g.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+            return g
+        if device not in self._gens:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._gens[device] = g
+        return self._gens[device]
+
+    def gaussian(
+        self, like: Mapping[str, torch.Tensor], std: float
+    ) -> dict[str, torch.Tensor]:
+        """Independent ``N(0, std²)`` noise shaped like each tensor, in order.
+
+        Args:
+            like: ``{name: tensor}``; the noise has each tensor's shape, dtype and device.
+            std: Standard deviation ``σ·sensitivity`` (0 gives zeros).
+
+        Returns:
+            ``{name: noise}``.
+        """
+        if std == 0:
+            return {n: torch.zeros_like(t) for n, t in like.items()}
+        out = {}
+        gens: dict[torch.device, torch.Generator] = {}
+        for n, t in like.items():
+            if t.device not in gens:
+                gens[t.device] = self._generator(t.device)
+            z = torch.empty_like(t)
+            z.normal_(0.0, std, generator=gens[t.device])
+            out[n] = z
+        return out
+
+    def state_dict(self) -> dict:
+        """Generator states (seeded mode only; secure mode keeps no state)."""
+        return {
+            "seed": self.seed,
+            "states": {str(d): g.get_state() for d, g in self._gens.items()},
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restores generator states saved by ``state_dict``."""
+        self.seed = state["seed"]
+        self._gens = {}
+        for d, s in state["states"].items():
+            g = torch.Generator(device=torch.device(d))
+            g.set_state(s)
+            self._gens[torch.device(d)] = g

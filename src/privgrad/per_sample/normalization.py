@@ -1,0 +1,92 @@
+"""Per-sample rules for ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.InstanceNorm{1,2,3}d``
+and ``nn.RMSNorm`` (affine parameters).
+
+Each rule recomputes the normalised input ``x̂`` from the recorded input; the weight
+gradient of sample ``i`` is ``sum(G_i * x̂_i)`` and the bias gradient ``sum(G_i)`` over
+every axis the parameter is broadcast along.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privgrad.per_sample.registry import LayerRule, register
+
+
+def _affine(
+    module: nn.Module, xhat: torch.Tensor, G: torch.Tensor, param_dims: int, leading: bool
+) -> dict[str, torch.Tensor]:
+    """Sums ``G * x̂`` and ``G`` over the axes the affine parameters broadcast along.
+
+    Args:
+        module: The layer (its ``weight``/``bias`` may be ``None``).
+        xhat: Normalised input, same shape as ``G``.
+        G: Output gradient, shape ``(B, ...)``.
+        param_dims: Number of axes the parameter spans.
+        leading: ``True`` if the parameter spans the axes right after the batch
+            (channels, as in GroupNorm), ``False`` if it spans the trailing axes (LayerNorm).
+    """
+    B = G.shape[0]
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        if leading:  # (B, C, *spatial) -> (B, C)
+            return t.reshape(B, t.shape[1], -1).sum(dim=2)
+        pshape = t.shape[t.dim() - param_dims :]
+        return t.reshape(B, -1, *pshape).sum(dim=1)
+
+    out = {}
+    if getattr(module, "weight", None) is not None:
+        out["weight"] = reduce(G * xhat)
+    if getattr(module, "bias", None) is not None:
+        out["bias"] = reduce(G)
+    return out
+
+
+def layer_norm(module: nn.LayerNorm, A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
+    """LayerNorm: ``A (B, *, *normalized_shape)``; params ``(*normalized_shape)``."""
+    shape = tuple(module.normalized_shape)
+    xhat = F.layer_norm(A, shape, None, None, module.eps)
+    return _affine(module, xhat, G, len(shape), leading=False)
+
+
+def rms_norm(module: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
+    """RMSNorm: ``A (B, *, *normalized_shape)``; weight ``(*normalized_shape)``."""
+    shape = tuple(module.normalized_shape)
+    xhat = F.rms_norm(A, shape, None, module.eps)
+    return _affine(module, xhat, G, len(shape), leading=False)
+
+
+def group_norm(module: nn.GroupNorm, A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
+    """GroupNorm: ``A (B, C, *spatial)``; params ``(C,)``."""
+    xhat = F.group_norm(A, module.num_groups, None, None, module.eps)
+    return _affine(module, xhat, G, 1, leading=True)
+
+
+def instance_norm(module: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
+    """InstanceNorm{1,2,3}d with ``affine=True``: ``A (B, C, *spatial)``; params ``(C,)``.
+
+    Uses the per-instance statistics in training mode (or without running stats) and the
+    running statistics otherwise, exactly as the module does.
+    """
+    use_input_stats = module.training or not module.track_running_stats
+    xhat = F.instance_norm(
+        A,
+        None if use_input_stats else module.running_mean,
+        None if use_input_stats else module.running_var,
+        None,
+        None,
+        use_input_stats,
+        0.0,
+        module.eps,
+    )
+    return _affine(module, xhat, G, 1, leading=True)
+
+
+register(LayerRule(nn.LayerNorm, layer_norm))
+register(LayerRule(nn.GroupNorm, group_norm))
+for _t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+    register(LayerRule(_t, instance_norm))
+if hasattr(nn, "RMSNorm"):
+    register(LayerRule(nn.RMSNorm, rms_norm))

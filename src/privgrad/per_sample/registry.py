@@ -1,0 +1,89 @@
+"""Registry of per-layer rules, keyed by module type.
+
+A rule turns one recorded call of a layer — its input ``A`` and the gradient of the
+summed loss with respect to its output ``G`` — into per-sample quantities. Rules are
+pure functions of ``(module, A, G)``; nothing is stored on the module or on tensors.
+
+Registering the same module type twice raises: a silent override would change the
+mathematics of every model using that layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PerSampleGradsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+"""``(module, A, G) -> {param attribute: (B, *param.shape)}``."""
+
+SquaredNormsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+"""``(module, A, G) -> {param attribute: (B,)}`` squared per-sample norms, computed
+without materialising per-sample gradients where that is cheaper (ghost norms)."""
+
+ClippedSumFn = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]
+]
+"""``(module, A, G, {attr: factors (B,)}) -> {attr: param.shape}``: sum_i f_i g_i."""
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """How per-sample quantities of one layer family are computed.
+
+    Attributes:
+        module_type: The ``nn.Module`` subclass the rule applies to (exact type match,
+            so that subclasses with a different forward fall back to the generic path).
+        per_sample_grads: Materialises per-sample gradients.
+        squared_norms: Optional cheaper per-sample squared norms (ghost norms).
+        clipped_sum: Optional clipped sum without materialisation.
+    """
+
+    module_type: type[nn.Module]
+    per_sample_grads: PerSampleGradsFn
+    squared_norms: SquaredNormsFn | None = None
+    clipped_sum: ClippedSumFn | None = None
+
+
+_RULES: dict[type[nn.Module], LayerRule] = {}
+
+
+def register(rule: LayerRule) -> LayerRule:
+    """Adds a rule to the registry.
+
+    Args:
+        rule: The rule to add.
+
+    Returns:
+        The same rule, so this can be used at module level.
+
+    Raises:
+        ValueError: If a rule for the same module type is already registered.
+    """
+    if rule.module_type in _RULES:
+        raise ValueError(
+            f"privgrad: a per-sample rule for {rule.module_type.__name__} is already "
+            "registered. Rules are not silently overridden; register a rule for a "
+            "subclass instead."
+        )
+    _RULES[rule.module_type] = rule
+    return rule
+
+
+def lookup(module: nn.Module) -> LayerRule | None:
+    """Returns the rule for ``type(module)``, or ``None`` if there is none."""
+    _load_builtin_rules()
+    return _RULES.get(type(module))
+
+
+_LOADED = False
+
+
+def _load_builtin_rules() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from privgrad.per_sample import conv, embedding, linear, normalization  # noqa: F401
