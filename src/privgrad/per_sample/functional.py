@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from privgrad.errors import UnsupportedModelError
+from privgrad.errors import InvalidLossError, UnsupportedModelError
 from privgrad.per_sample.capture import Call, suspended
 
 _WARNED: set[type] = set()
@@ -112,6 +112,13 @@ def per_sample_grads(
     in_leaves, spec = tree_flatten((call.args, call.kwargs))
     B = batch_size
     in_dims = _input_batch_dims(module, call, in_leaves, B)
+    if all(d is None for d in in_dims):
+        raise InvalidLossError(
+            f"privgrad: no input of module '{unit.path}' ({type(module).__name__}) has the "
+            f"batch size {B} of the losses along its batch axis. Fix: pass one loss per "
+            "sample, shape (B,), e.g. reduce a (T, B) loss of a sequence-first model with "
+            "losses.sum(0)."
+        )
     out_dims = _output_batch_dims(module, params, in_leaves, in_dims, spec, call.out_shapes, B)
     used = [
         k for k, (g, d) in enumerate(zip(grad_outputs, out_dims, strict=True))

@@ -1,0 +1,195 @@
+"""Every layer family and the functional fallback against the batch-size-1 loop, in float64."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracle import assert_close, loop_per_sample_grads, sin_loss
+from torch import nn
+
+import privgrad as pg
+
+MODES = ["materialize", "vmap"]
+
+
+def check(model: nn.Module, x: torch.Tensor, mode: str = "auto", batch_dim: int = 0) -> None:
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    want = loop_per_sample_grads(model, lambda out, i: sin_loss(out).sum(), x, batch_dim)
+    engine = pg.DPEngine(model, noise_multiplier=0.0, max_grad_norm=float("inf"),
+                         expected_batch_size=x.shape[batch_dim], mode=mode)
+    try:
+        trace = engine.backward(sin_loss(model(x)), keep=("pre_clip",))
+        assert_close(trace.per_sample_grads(), want)
+        # the lazy path (nothing kept) gives the same samples
+        model.zero_grad()
+        trace = engine.backward(sin_loss(model(x)))
+        idx = [x.shape[batch_dim] - 1, 0]
+        assert_close(trace.per_sample_grads(samples=idx), {n: g[idx] for n, g in want.items()})
+    finally:
+        engine.close()
+
+
+@given(
+    B=st.integers(1, 5), mid=st.lists(st.integers(1, 4), max_size=2),
+    d=st.integers(1, 6), p=st.integers(1, 6), bias=st.booleans(),
+    mode=st.sampled_from(MODES),
+)
+def test_linear_any_rank(B, mid, d, p, bias, mode):
+    check(nn.Linear(d, p, bias=bias), torch.randn(B, *mid, d), mode)
+
+
+conv_cfg = st.fixed_dictionaries({
+    "dim": st.sampled_from([1, 2, 3]),
+    "B": st.integers(1, 3),
+    "groups": st.sampled_from([1, 2]),
+    "cin_per_group": st.integers(1, 2),
+    "cout_per_group": st.integers(1, 2),
+    "k": st.integers(1, 3),
+    "stride": st.integers(1, 2),
+    "dilation": st.integers(1, 2),
+    "padding": st.sampled_from([0, 1, "same", "valid"]),
+    "padding_mode": st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    "bias": st.booleans(),
+})
+
+
+@settings(max_examples=40)
+@given(cfg=conv_cfg, mode=st.sampled_from(MODES))
+def test_conv(cfg, mode):
+    conv_t = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg["dim"]]
+    stride = 1 if cfg["padding"] == "same" else cfg["stride"]
+    g = cfg["groups"]
+    m = conv_t(g * cfg["cin_per_group"], g * cfg["cout_per_group"], cfg["k"], stride=stride,
+               padding=cfg["padding"], dilation=cfg["dilation"], groups=g, bias=cfg["bias"],
+               padding_mode=cfg["padding_mode"])
+    size = 5 if cfg["dim"] < 3 else 4
+    check(m, torch.randn(cfg["B"], g * cfg["cin_per_group"], *([size] * cfg["dim"])), mode)
+
+
+def test_conv_asymmetric_same_padding():
+    # even kernel with "same" needs asymmetric padding
+    check(nn.Conv2d(2, 3, (2, 4), padding="same", dilation=(1, 2)), torch.randn(3, 2, 6, 7))
+
+
+@given(B=st.integers(1, 4), T=st.integers(1, 6), padding=st.sampled_from([None, 0, 3]),
+       mode=st.sampled_from(MODES))
+def test_embedding(B, T, padding, mode):
+    class EmbModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 3, padding_idx=padding)
+
+        def forward(self, idx):
+            return self.emb(idx)
+
+    idx = torch.randint(0, 7, (B, T))
+    idx[0, 0] = 3  # a token repeated within a sample
+    if T > 1:
+        idx[0, 1] = 3
+    check(EmbModel(), idx, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.LayerNorm(4), (3, 4)),
+    (lambda: nn.LayerNorm([3, 4]), (2, 5, 3, 4)),
+    (lambda: nn.LayerNorm(4, bias=False), (3, 2, 4)),
+    (lambda: nn.GroupNorm(2, 4), (3, 4, 5)),
+    (lambda: nn.GroupNorm(1, 4), (1, 4, 3, 3)),
+    (lambda: nn.InstanceNorm1d(3, affine=True), (2, 3, 6)),
+    (lambda: nn.InstanceNorm2d(3, affine=True), (2, 3, 4, 4)),
+    (lambda: nn.InstanceNorm3d(2, affine=True), (2, 2, 3, 3, 3)),
+    (lambda: nn.RMSNorm(4), (3, 5, 4)),
+    (lambda: nn.RMSNorm([2, 4], eps=1e-5), (3, 2, 4)),
+])
+def test_normalization(make, shape, mode):
+    model = nn.Sequential(nn.Linear(shape[-1], shape[-1]), make())
+    check(model, torch.randn(*shape), mode)
+
+
+class Scale(nn.Module):
+    """A custom module holding a Parameter and a child Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.randn(4))
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x * self.alpha).tanh()
+
+
+class MHA(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=batch_first)
+
+    def forward(self, x):
+        out = self.attn(x, x, x, need_weights=False)[0]
+        return out if self.attn.batch_first else out.transpose(0, 1)
+
+
+class RNN(nn.Module):
+    def __init__(self, cell, batch_first):
+        super().__init__()
+        self.rnn = cell(3, 4, num_layers=2, batch_first=batch_first)
+
+    def forward(self, x):
+        out = self.rnn(x)[0]
+        return out if self.rnn.batch_first else out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("mode", ["auto", "vmap"])
+def test_fallback_custom_module(mode):
+    check(nn.Sequential(nn.Linear(3, 4), Scale()), torch.randn(4, 3), mode)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_fallback_multihead_attention(batch_first):
+    x = torch.randn(3, 5, 4) if batch_first else torch.randn(5, 3, 4)
+    check(MHA(batch_first), x, batch_dim=0 if batch_first else 1)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_fallback_recurrent(cell, batch_first):
+    x = torch.randn(3, 5, 3) if batch_first else torch.randn(5, 3, 3)
+    check(RNN(cell, batch_first), x, batch_dim=0 if batch_first else 1)
+
+
+def test_fallback_conv_transpose():
+    check(nn.Sequential(nn.ConvTranspose2d(2, 3, 3, stride=2), nn.Tanh()), torch.randn(3, 2, 4, 4))
+
+
+class Tied(nn.Module):
+    """Embedding and output layer share one Parameter; a block is called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 4)
+        self.block = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        h = self.block(torch.tanh(self.block(h)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("mode", ["auto", "vmap"])
+def test_tied_weights_and_repeated_module(mode):
+    check(Tied(), torch.randint(0, 6, (4, 3)), mode)
+
+
+def test_frozen_parameters_are_skipped():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model[0].weight.requires_grad_(False)
+    engine = pg.DPEngine(model, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4)
+    trace = engine.backward(sin_loss(model(torch.randn(4, 3, dtype=torch.double))))
+    assert model[0].weight.grad is None
+    assert set(trace.clipped_sum) == {"0.bias", "2.weight", "2.bias"}
+    engine.close()
+    model.zero_grad()
+    check(model, torch.randn(4, 3))
