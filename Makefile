@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/privgrad train
+	$(PY) examples/quickstart.py
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import assert_close, loop_per_sample_grads, sin_loss
 from torch import nn
 
 import privgrad as pg
+from oracle import assert_close, loop_per_sample_grads, sin_loss
 
 MODES = ["materialize", "vmap"]
 

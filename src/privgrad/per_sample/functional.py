@@ -36,12 +36,9 @@ def _input_batch_dims(module: nn.Module, call: Call, leaves: list[Any], B: int) 
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             dims.append(None)
             continue
-        if is_rnn and k > 0 and k < n_pos:  # hx / (h0, c0): (layers, B, H)
-            d = 1
-        elif k < n_pos and first == 1 and x.dim() == 3:
-            d = 1
-        else:
-            d = 0
+        hidden = is_rnn and 0 < k < n_pos  # hx / (h0, c0): (layers, B, H)
+        seq_first = k < n_pos and first == 1 and x.dim() == 3  # (T, B, E)
+        d = 1 if hidden or seq_first else 0
         dims.append(d if x.shape[d] == B else None)
     return dims
 
@@ -52,8 +49,8 @@ def _narrow(leaves: list[Any], dims: list[int | None], i: int) -> list[Any]:
 
 def _check_no_randomness(path: str, module: nn.Module) -> None:
     for name, sub in module.named_modules():
-        p = getattr(sub, "dropout", None) if not isinstance(sub, nn.modules.dropout._DropoutNd) \
-            else sub.p
+        is_dropout = isinstance(sub, nn.modules.dropout._DropoutNd)
+        p = sub.p if is_dropout else getattr(sub, "dropout", None)
         if sub.training and isinstance(p, float) and p > 0:
             where = f"{path}.{name}" if name else path
             raise UnsupportedModelError(

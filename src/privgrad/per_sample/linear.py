@@ -14,7 +14,9 @@ def _flat(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return A.reshape(B, -1, A.shape[-1]), G.reshape(B, -1, G.shape[-1])
 
 
-def per_sample_grads(module: nn.Linear, A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
+def per_sample_grads(
+    module: nn.Linear, A: torch.Tensor, G: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-sample gradients of a Linear layer.
 
     Args:

@@ -1,5 +1,6 @@
-"""Per-sample rules for ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.InstanceNorm{1,2,3}d``
-and ``nn.RMSNorm`` (affine parameters).
+"""Per-sample rules for the affine parameters of normalisation layers.
+
+Covers ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.InstanceNorm{1,2,3}d`` and ``nn.RMSNorm``.
 
 Each rule recomputes the normalised input ``x̂`` from the recorded input; the weight
 gradient of sample ``i`` is ``sum(G_i * x̂_i)`` and the bias gradient ``sum(G_i)`` over

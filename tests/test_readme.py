@@ -1,0 +1,28 @@
+"""The README shows what runs: its quickstart is the example file, and the example runs."""
+
+import pathlib
+import re
+import runpy
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_readme_quickstart_is_the_example():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quickstart.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert block == (ROOT / "examples" / "quickstart.py").read_text()
+    head = readme.splitlines()[:6]
+    assert any("make demo" in line for line in head) and any("make test" in line for line in head)
+
+
+def test_quickstart_runs_and_learns(capsys):
+    runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    rows = re.findall(r"norm before clipping ([\d.]+), clip factor ([\d.]+), "
+                      r"norm after clipping ([\d.]+)", out)
+    assert len(rows) == 3
+    for before, factor, after in rows:
+        assert float(after) <= 1.0 + 1e-3
+        assert abs(float(before) * float(factor) - float(after)) < 2e-3 + 1e-3 * float(before)
+    accuracy = float(re.search(r"test accuracy ([\d.]+)%", out).group(1))
+    assert accuracy > 80.0
