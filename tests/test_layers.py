@@ -9,7 +9,7 @@ from torch import nn
 import privgrad as pg
 from oracle import assert_close, loop_per_sample_grads, sin_loss
 
-MODES = ["materialize", "vmap"]
+MODES = ["materialize", "vmap", "ghost", "auto"]
 
 
 def check(model: nn.Module, x: torch.Tensor, mode: str = "auto", batch_dim: int = 0) -> None:
@@ -28,6 +28,26 @@ def check(model: nn.Module, x: torch.Tensor, mode: str = "auto", batch_dim: int 
         assert_close(trace.per_sample_grads(samples=idx), {n: g[idx] for n, g in want.items()})
     finally:
         engine.close()
+    # clipping in this mode (ghost norms, one-matmul clipped sums) against the oracle
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in want.values()))
+    C = float(norms.median()) if float(norms.median()) > 0 else 1.0
+    factors = torch.where(norms > C, C / norms, torch.ones_like(norms))
+    model.zero_grad()
+    with pg.DPEngine(model, noise_multiplier=0.0, max_grad_norm=C,
+                     expected_batch_size=x.shape[batch_dim], mode=mode) as engine:
+        trace = engine.backward(sin_loss(model(x)))
+    torch.testing.assert_close(trace.norms, norms, rtol=1e-9, atol=1e-12)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            expected = torch.tensordot(factors, want[n], dims=1) / x.shape[batch_dim]
+            torch.testing.assert_close(p.grad, expected, rtol=1e-9, atol=1e-12, msg=n)
+    model.zero_grad()
+
+
+@given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 33]), d=st.integers(1, 9),
+       p=st.integers(1, 9), mode=st.sampled_from(["auto", "ghost"]))
+def test_linear_ghost_long_sequences(B, T, d, p, mode):
+    check(nn.Linear(d, p), torch.randn(B, T, d), mode)
 
 
 @given(

@@ -17,12 +17,13 @@ from torch import nn
 from privgrad import guards, validate
 from privgrad.clipping import ClipPlan, ClipRule, Flat, group_norms
 from privgrad.noise import NoiseSource
+from privgrad.per_sample import ghost
 from privgrad.per_sample.batch import check_batch_sizes, output_grads, per_sample_grads
 from privgrad.per_sample.capture import Capture
 from privgrad.per_sample.plan import plan_units
 from privgrad.trace import KEEPABLE, StepTrace, clip, private_gradient
 
-MODES = ("auto", "materialize", "vmap")
+MODES = ("auto", "ghost", "materialize", "vmap")
 
 
 class DPEngine:
@@ -47,8 +48,10 @@ class DPEngine:
         expected_batch_size: The normaliser of the private gradient (``q·N`` under Poisson
             sampling), a privacy-relevant constant, never the realised batch size.
         clipping: A rule from ``privgrad.clipping`` (``PerLayer``, ``Automatic``, ...).
-        mode: ``"auto"`` | ``"materialize"`` | ``"vmap"``: performance only, the result is
-            the same in every mode.
+        mode: ``"auto"`` (cheapest exact path per layer) | ``"ghost"`` (ghost norms
+            wherever a layer has them) | ``"materialize"`` (every per-sample gradient) |
+            ``"vmap"`` (torch.func for every layer): performance only, the result is the
+            same in every mode.
         seed: ``None`` for noise from OS entropy; an int for reproducible noise that is NOT
             secure.
         self_check: Verify on the first step that the per-sample gradients add up to the
@@ -133,20 +136,30 @@ class DPEngine:
             if not ios:
                 raise guards.not_connected(losses)
             check_batch_sizes(ios, B)
-        psg = per_sample_grads(ios, self._names, B) if B > 0 else {}
+        materialize_all = self.mode in ("materialize", "vmap") or bool(keep)
+        ghost_ios, dense_ios = ([], ios) if materialize_all else ghost.split(ios, self._names)
         if B > 0:
-            guards.check_complete(trainable, psg)
-        psg = {n: psg[n] if n in psg else p.new_zeros(0, *p.shape) for n, p in trainable.items()}
-        layer_sq = {n: g.flatten(1).square().sum(1) for n, g in psg.items()}
+            psg = per_sample_grads(dense_ios, self._names, B)
+        else:
+            psg = {n: p.new_zeros(0, *p.shape) for n, p in trainable.items()}
+        layer_sq = ghost.squared_norms(ghost_ios, self._names, self.mode)
+        layer_sq |= {n: g.flatten(1).square().sum(1) for n, g in psg.items()}
+        guards.check_complete(trainable, layer_sq)
+        layer_sq = {n: layer_sq[n] for n in trainable}
         total_sq = sum(layer_sq.values()) if layer_sq else losses.new_zeros(B)
         guards.check_finite(total_sq, layer_sq)
         if reference is not None:
-            guards.self_check(reference, psg)
+            ones = {n: torch.ones_like(s) for n, s in layer_sq.items()}
+            sums = {n: g.sum(0) for n, g in psg.items()}
+            sums |= ghost.clipped_sums(ghost_ios, self._names, ones)
+            guards.self_check(reference, sums, {n: s.sqrt().sum() for n, s in layer_sq.items()})
         factors = self.plan.factors(group_norms(layer_sq, self.plan.group_of))
-        param_factors = {n: factors[self.plan.group_of[n]] for n in psg}
-        clipped_sum = {
+        param_factors = {n: factors[self.plan.group_of[n]] for n in trainable}
+        clipped_sum = ghost.clipped_sums(ghost_ios, self._names, param_factors)
+        clipped_sum |= {
             n: torch.tensordot(param_factors[n].to(g.dtype), g, dims=1) for n, g in psg.items()
         }
+        clipped_sum = {n: clipped_sum[n] for n in trainable}
         noise = self.noise.gaussian(clipped_sum, self.noise_std)
         private = private_gradient(clipped_sum, noise, self.expected_batch_size)
         for n, p in trainable.items():

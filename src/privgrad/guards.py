@@ -133,7 +133,8 @@ def check_complete(
 
 def self_check(
     reference: Mapping[str, torch.Tensor | None],
-    per_sample: Mapping[str, torch.Tensor],
+    sums: Mapping[str, torch.Tensor],
+    scales: Mapping[str, torch.Tensor],
     rtol: float = 1e-3,
 ) -> None:
     """Compares the sum of per-sample gradients with autograd's batch gradient.
@@ -143,19 +144,19 @@ def self_check(
 
     Args:
         reference: ``{name: grad of losses.sum()}`` from ordinary autograd.
-        per_sample: ``{name: (B, *shape)}``.
-        rtol: Tolerance relative to the sum of per-sample norms of the parameter; a
-            floor of ``sqrt(eps)`` times the largest such sum absorbs rounding in
-            parameters whose batch gradient cancels to ~0.
+        sums: ``{name: p.shape}`` sum over samples of the per-sample gradients.
+        scales: ``{name: ()}`` sum over samples of the per-sample gradient norms.
+        rtol: Tolerance relative to ``scales[name]``; a floor of ``sqrt(eps)`` times the
+            largest scale absorbs rounding in parameters whose batch gradient cancels.
     """
-    scales = {n: float(g.flatten(1).norm(dim=1).sum()) for n, g in per_sample.items()}
-    floor = max(scales.values(), default=0.0)
-    for name, g in per_sample.items():
+    scale_of = {n: float(s) for n, s in scales.items()}
+    floor = max(scale_of.values(), default=0.0)
+    for name, total in sums.items():
         ref = reference.get(name)
-        ref = torch.zeros_like(g[0]) if ref is None else ref
-        err = float((g.sum(0) - ref).norm())
-        scale = scales[name] + 1e-30
-        if err > rtol * scale + torch.finfo(g.dtype).eps ** 0.5 * floor:
+        ref = torch.zeros_like(total) if ref is None else ref
+        err = float((total - ref).norm())
+        scale = scale_of[name] + 1e-30
+        if err > rtol * scale + torch.finfo(total.dtype).eps ** 0.5 * floor:
             raise MissingGradientError(
                 f"privgrad: the per-sample gradients of '{name}' do not add up to its batch "
                 f"gradient (relative error {err / scale:.2e}). The parameter is used outside "

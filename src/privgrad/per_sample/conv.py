@@ -47,6 +47,28 @@ def padded_input(module: _Conv, A: torch.Tensor) -> tuple[torch.Tensor, list[int
     return F.pad(A, flat, mode=mode), [0] * len(pads)
 
 
+def _weight_grad(module: _Conv, A: torch.Tensor, G: torch.Tensor, folds: int) -> torch.Tensor:
+    """Convolution weight gradient with ``folds`` samples folded into the groups."""
+    A, padding = padded_input(module, A)
+    B = A.shape[0] // folds
+    w_shape = (folds * module.out_channels, *module.weight.shape[1:])
+    n = len(module.kernel_size)
+    _, grad_w, _ = torch.ops.aten.convolution_backward(
+        G.reshape(B, folds * G.shape[1], *G.shape[2:]),
+        A.reshape(B, folds * A.shape[1], *A.shape[2:]),
+        G.new_empty(1).expand(w_shape),
+        None,
+        list(module.stride),
+        padding,
+        list(module.dilation),
+        False,
+        [0] * n,
+        folds * module.groups,
+        [False, True, False],
+    )
+    return grad_w
+
+
 def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample gradients of a convolution.
 
@@ -59,28 +81,69 @@ def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[st
         ``{"weight": (B, C_out, C_in / groups, *kernel), "bias": (B, C_out)}``.
     """
     B = A.shape[0]
-    A, padding = padded_input(module, A)
-    w_shape = (B * module.out_channels, *module.weight.shape[1:])
-    weight_like = G.new_empty(1).expand(w_shape)
-    n = len(module.kernel_size)
-    _, grad_w, _ = torch.ops.aten.convolution_backward(
-        G.reshape(1, B * G.shape[1], *G.shape[2:]),
-        A.reshape(1, B * A.shape[1], *A.shape[2:]),
-        weight_like,
-        None,
-        list(module.stride),
-        padding,
-        list(module.dilation),
-        False,
-        [0] * n,
-        B * module.groups,
-        [False, True, False],
-    )
+    grad_w = _weight_grad(module, A, G, folds=B)
     out = {"weight": grad_w.view(B, *module.weight.shape)}
     if module.bias is not None:
         out["bias"] = G.flatten(2).sum(dim=2)
     return out
 
 
+def _unfolded(module: _Conv, A: torch.Tensor) -> torch.Tensor | None:
+    """Im2col of a 1d/2d input: ``(B, groups, C_in/groups · K, L)``; ``None`` for 3d."""
+    if len(module.kernel_size) == 3:
+        return None
+    A, padding = padded_input(module, A)
+    one = len(module.kernel_size) == 1
+    k, st, dl = (tuple(x) for x in (module.kernel_size, module.stride, module.dilation))
+    if one:
+        A, k, st, dl, padding = A.unsqueeze(2), (1, *k), (1, *st), (1, *dl), [0, *padding]
+    cols = F.unfold(A, k, dilation=dl, padding=tuple(padding), stride=st)
+    return cols.view(A.shape[0], module.groups, -1, cols.shape[-1])
+
+
+def squared_norms(
+    module: _Conv, A: torch.Tensor, G: torch.Tensor, strategy: str = "auto"
+) -> dict[str, torch.Tensor]:
+    """Squared per-sample norms: the ghost norm on the unfolded input where cheaper.
+
+    With ``L`` output positions, ``d = C_in/groups · K`` and ``p = C_out/groups``, the
+    ghost norm per group ``⟨A Aᵀ, G Gᵀ⟩`` (over positions) is used when ``2L² < d·p``
+    (or always with ``strategy="ghost"``); otherwise the per-sample gradient is formed by
+    the convolution kernel and reduced immediately.
+
+    Returns:
+        ``{"weight": (B,), "bias": (B,)}``.
+    """
+    B, g = A.shape[0], module.groups
+    L = G[0, 0].numel()
+    d = module.weight[0].numel()
+    p = module.out_channels // g
+    cols = _unfolded(module, A) if strategy == "ghost" or 2 * L * L < d * p else None
+    if cols is not None:
+        Gg = G.reshape(B * g, p, L)
+        Ag = cols.reshape(B * g, d, L)
+        gram = torch.bmm(Ag.transpose(1, 2), Ag) * torch.bmm(Gg.transpose(1, 2), Gg)
+        w = gram.sum((1, 2)).view(B, g).sum(1)
+    else:
+        w = _weight_grad(module, A, G, folds=B).view(B, -1).square().sum(1)
+    out = {"weight": w}
+    if module.bias is not None:
+        out["bias"] = G.flatten(2).sum(dim=2).square().sum(1)
+    return out
+
+
+def clipped_sum(
+    module: _Conv, A: torch.Tensor, G: torch.Tensor, factors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``sum_i f_i g_i``: one ordinary weight-gradient call on ``f ⊙ G``."""
+    shape = (-1, *([1] * (G.dim() - 1)))
+    out = {}
+    if "weight" in factors:
+        out["weight"] = _weight_grad(module, A, G * factors["weight"].to(G.dtype).view(shape), 1)
+    if "bias" in factors:
+        out["bias"] = (G * factors["bias"].to(G.dtype).view(shape)).flatten(2).sum((0, 2))
+    return out
+
+
 for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register(LayerRule(_t, per_sample_grads))
+    register(LayerRule(_t, per_sample_grads, squared_norms, clipped_sum))

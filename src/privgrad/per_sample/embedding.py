@@ -8,6 +8,48 @@ from torch import nn
 from privgrad.per_sample.registry import LayerRule, register
 
 
+def _rows(module: nn.Embedding, A: torch.Tensor, G: torch.Tensor):  # noqa: ANN202
+    """Token ids ``(B, T)`` and gradient rows ``(B, T, D)``, padding rows zeroed."""
+    B, D = A.shape[0], module.embedding_dim
+    idx = A.reshape(B, -1).long()
+    rows = G.reshape(B, -1, D)
+    if module.padding_idx is not None:
+        rows = rows * (idx != module.padding_idx).unsqueeze(-1).to(rows.dtype)
+    return idx, rows
+
+
+def squared_norms(
+    module: nn.Embedding, A: torch.Tensor, G: torch.Tensor, strategy: str = "auto"
+) -> dict[str, torch.Tensor]:
+    """Squared per-sample norms by summing gradient rows per unique (sample, token).
+
+    Never builds the ``(B, V, D)`` gradient nor a ``B·T·V`` one-hot: memory ``O(B·T·D)``.
+
+    Returns:
+        ``{"weight": (B,)}``.
+    """
+    B, V = A.shape[0], module.num_embeddings
+    idx, rows = _rows(module, A, G)
+    key = (idx + V * torch.arange(B, device=idx.device).unsqueeze(1)).reshape(-1)
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    summed = rows.new_zeros(len(uniq), rows.shape[-1])
+    summed.index_add_(0, inverse, rows.reshape(-1, rows.shape[-1]))
+    sq = rows.new_zeros(B)
+    sq.index_add_(0, torch.div(uniq, V, rounding_mode="floor"), summed.square().sum(1))
+    return {"weight": sq}
+
+
+def clipped_sum(
+    module: nn.Embedding, A: torch.Tensor, G: torch.Tensor, factors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``sum_i f_i g_i`` by one scatter-add of the scaled rows: ``{"weight": (V, D)}``."""
+    idx, rows = _rows(module, A, G)
+    scaled = rows * factors["weight"].to(rows.dtype).view(-1, 1, 1)
+    out = rows.new_zeros(module.num_embeddings, module.embedding_dim)
+    out.index_add_(0, idx.reshape(-1), scaled.reshape(-1, rows.shape[-1]))
+    return {"weight": out}
+
+
 def per_sample_grads(
     module: nn.Embedding, A: torch.Tensor, G: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -24,14 +66,11 @@ def per_sample_grads(
     """
     B = A.shape[0]
     V, D = module.num_embeddings, module.embedding_dim
-    idx = A.reshape(B, -1).long()
-    rows = G.reshape(B, -1, D)
-    if module.padding_idx is not None:
-        rows = rows * (idx != module.padding_idx).unsqueeze(-1).to(rows.dtype)
+    idx, rows = _rows(module, A, G)
     flat_idx = (idx + V * torch.arange(B, device=idx.device).unsqueeze(1)).reshape(-1)
     grad = torch.zeros(B * V, D, dtype=G.dtype, device=G.device)
     grad.index_add_(0, flat_idx, rows.reshape(-1, D))
     return {"weight": grad.view(B, V, D)}
 
 
-register(LayerRule(nn.Embedding, per_sample_grads))
+register(LayerRule(nn.Embedding, per_sample_grads, squared_norms, clipped_sum))

@@ -34,4 +34,70 @@ def per_sample_grads(
     return out
 
 
-register(LayerRule(nn.Linear, per_sample_grads))
+
+def use_ghost_norm(T: int, d: int, p: int) -> bool:
+    """The cost rule: ghost wins when ``2T² < d·p``.
+
+    The ghost norm ⟨AAᵀ, GGᵀ⟩ costs 2T²(d+p) per sample; materialising the gradient 2Tdp.
+    """
+    return 2 * T * T < d * p
+
+
+def squared_norms(
+    module: nn.Linear, A: torch.Tensor, G: torch.Tensor, strategy: str = "auto"
+) -> dict[str, torch.Tensor]:
+    """Squared per-sample gradient norms without materialising ``(B, p, d)`` unless cheaper.
+
+    For ``T = 1`` the weight gradient is an outer product and its squared norm is
+    ``‖a‖²‖g‖²``. For ``T > 1`` the ghost norm is ``sum((A Aᵀ) ⊙ (G Gᵀ))``.
+
+    Args:
+        module: The layer.
+        A: Input ``(B, *, d)``.
+        G: Output gradient ``(B, *, p)``.
+        strategy: ``"auto"`` picks by cost; ``"ghost"`` always uses the ghost formula.
+
+    Returns:
+        ``{"weight": (B,), "bias": (B,)}``.
+    """
+    A3, G3 = _flat(A, G)
+    T, d, p = A3.shape[1], A3.shape[2], G3.shape[2]
+    if T == 1:
+        w = A3.square().sum((1, 2)) * G3.square().sum((1, 2))
+    elif strategy == "ghost" or use_ghost_norm(T, d, p):
+        w = (torch.bmm(A3, A3.transpose(1, 2)) * torch.bmm(G3, G3.transpose(1, 2))).sum((1, 2))
+    else:
+        w = torch.bmm(G3.transpose(1, 2), A3).square().sum((1, 2))
+    out = {"weight": w}
+    if module.bias is not None:
+        out["bias"] = G3.sum(dim=1).square().sum(1)
+    return out
+
+
+def clipped_sum(
+    module: nn.Linear, A: torch.Tensor, G: torch.Tensor, factors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``sum_i f_i g_i`` as one matmul ``(f ⊙ G)ᵀ A`` over all samples and positions.
+
+    Args:
+        module: The layer.
+        A: Input ``(B, *, d)``.
+        G: Output gradient ``(B, *, p)``.
+        factors: ``{"weight": (B,), "bias": (B,)}`` clip factors of the parameters to sum
+            (a frozen parameter has no entry and is skipped).
+
+    Returns:
+        ``{"weight": (p, d), "bias": (p,)}``.
+    """
+    A3, G3 = _flat(A, G)
+    out = {}
+    if "weight" in factors:
+        fw = factors["weight"].to(G3.dtype).view(-1, 1, 1)
+        out["weight"] = (G3 * fw).reshape(-1, G3.shape[2]).T @ A3.reshape(-1, A3.shape[2])
+    if "bias" in factors:
+        fb = factors["bias"].to(G3.dtype).view(-1, 1, 1)
+        out["bias"] = (G3 * fb).sum((0, 1))
+    return out
+
+
+register(LayerRule(nn.Linear, per_sample_grads, squared_norms, clipped_sum))

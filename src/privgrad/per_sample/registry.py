@@ -19,9 +19,11 @@ from torch import nn
 PerSampleGradsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 """``(module, A, G) -> {param attribute: (B, *param.shape)}``."""
 
-SquaredNormsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
-"""``(module, A, G) -> {param attribute: (B,)}`` squared per-sample norms, computed
-without materialising per-sample gradients where that is cheaper (ghost norms)."""
+SquaredNormsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, str], dict[str, torch.Tensor]]
+"""``(module, A, G, strategy) -> {param attribute: (B,)}`` squared per-sample norms,
+computed without materialising per-sample gradients where that is cheaper (ghost norms).
+``strategy`` is ``"auto"`` (cheapest exact formula per layer) or ``"ghost"`` (always the
+ghost formula where the layer has one)."""
 
 ClippedSumFn = Callable[
     [nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]

@@ -1,0 +1,67 @@
+"""Book-keeping without per-sample gradients: ghost norms and one-matmul clipped sums.
+
+A recorded call goes through this path when its rule has ``squared_norms`` and
+``clipped_sum`` and each of its parameters is used by that call alone in the step (a tied
+parameter, or a module called twice, needs the per-sample sum of its contributions before
+the norm, so it is materialised instead). Per-sample gradients are still available from
+the trace: they are materialised lazily from the same recorded ``A`` and ``G``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from privgrad.per_sample.batch import LayerIO
+
+
+def split(ios: list[LayerIO], names: dict[int, str]) -> tuple[list[LayerIO], list[LayerIO]]:
+    """Separates the calls that can skip materialisation from those that cannot.
+
+    Returns:
+        ``(ghost calls, calls to materialise)``.
+    """
+    uses = Counter(names[id(p)] for io in ios for p in io.call.unit.params.values())
+    ghost, dense = [], []
+    for io in ios:
+        rule = io.call.unit.rule
+        alone = all(uses[names[id(p)]] == 1 for p in io.call.unit.params.values())
+        ok = rule is not None and rule.squared_norms is not None and rule.clipped_sum is not None
+        (ghost if ok and alone else dense).append(io)
+    return ghost, dense
+
+
+def squared_norms(
+    ios: list[LayerIO], names: dict[int, str], strategy: str
+) -> dict[str, torch.Tensor]:
+    """``{param name: (B,)}`` squared per-sample norms of the ghost calls' parameters."""
+    out = {}
+    for io in ios:
+        unit = io.call.unit
+        for attr, sq in unit.rule.squared_norms(unit.module, io.A, io.G, strategy).items():
+            p = unit.params.get(attr)
+            if p is not None and p.requires_grad:
+                out[names[id(p)]] = sq
+    return out
+
+
+def clipped_sums(
+    ios: list[LayerIO], names: dict[int, str], factors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``{param name: p.shape}`` = ``sum_i f_i g_i`` for the ghost calls' parameters.
+
+    Args:
+        ios: Ghost calls.
+        names: ``id(parameter) -> name``.
+        factors: ``{param name: (B,)}`` clip factors (ones for the unclipped sum).
+    """
+    out = {}
+    for io in ios:
+        unit = io.call.unit
+        trainable = {a: p for a, p in unit.params.items() if p.requires_grad}
+        f = {a: factors[names[id(p)]] for a, p in trainable.items()}
+        for attr, s in unit.rule.clipped_sum(unit.module, io.A, io.G, f).items():
+            if attr in trainable:
+                out[names[id(trainable[attr])]] = s
+    return out
