@@ -13,8 +13,8 @@ X_train, y_train, X_test, y_test = X[:1500], y[:1500], X[1500:], y[1500:]
 
 model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
 q = 0.1  # each sample joins each batch independently with probability q (Poisson sampling)
-engine = pg.DPEngine(model, noise_multiplier=1.0, max_grad_norm=1.0,
-                     expected_batch_size=q * len(X_train), seed=0)
+engine = pg.DPEngine(model, noise_multiplier=1.5, max_grad_norm=1.0,
+                     expected_batch_size=q * len(X_train), sample_rate=q, seed=0)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
 
 for _ in range(300):
@@ -32,4 +32,5 @@ for i in range(3):
           f"clip factor {trace.clip_factors[i]:.3f}, norm after clipping {norm_after[i]:.3f}")
 with torch.no_grad():
     accuracy = (model(X_test).argmax(1) == y_test).float().mean()
-print(f"test accuracy {accuracy:.1%} after {engine.steps} private steps")
+print(f"test accuracy {accuracy:.1%} after {engine.steps} private steps, "
+      f"ε = {engine.epsilon(delta=1e-5):.2f} at δ = 1e-5")

@@ -207,3 +207,34 @@ def test_model_not_wrapped_and_optimizer_steps():
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     engine.close()
     model(torch.randn(2, 6, dtype=torch.double)).sum().backward()  # hooks are gone
+
+
+def test_ledger_one_event_per_step_and_state_round_trip():
+    model = mlp()
+    engine = pg.DPEngine(model, noise_multiplier=1.1, max_grad_norm=1.0, expected_batch_size=7,
+                         sample_rate=0.01, seed=0)
+    for _ in range(5):
+        x, y = batch()
+        engine.backward(losses_of(model, x, y))
+        model.zero_grad()
+    engine.noise_multiplier = 2.0
+    x, y = batch()
+    engine.backward(losses_of(model, x, y))
+    assert engine.steps == 6 and engine.ledger.steps == 6
+    eps = engine.epsilon(1e-5)
+    want = pg.accounting.PrivacyLedger()
+    want.record(1.1, 0.01, steps=5)
+    want.record(2.0, 0.01)
+    assert eps == pytest.approx(want.epsilon(1e-5), rel=1e-9)
+    restored = pg.DPEngine(mlp(), noise_multiplier=1.1, max_grad_norm=1.0, expected_batch_size=7)
+    restored.load_state_dict(engine.state_dict())
+    assert restored.epsilon(1e-5) == eps and restored.noise_multiplier == 2.0
+
+
+def test_epsilon_without_sample_rate_is_an_error():
+    model = mlp()
+    engine = pg.DPEngine(model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=7)
+    x, y = batch()
+    engine.backward(losses_of(model, x, y))
+    with pytest.raises(ValueError, match="1 step\\(s\\) ran without a sample_rate"):
+        engine.epsilon(1e-5)

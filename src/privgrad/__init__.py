@@ -1,6 +1,6 @@
 """privgrad: transparent, exact and fast DP-SGD for PyTorch."""
 
-from privgrad import clipping, validate
+from privgrad import accounting, clipping, validate
 from privgrad.engine import DPEngine
 from privgrad.errors import (
     GradientStateError,
@@ -21,6 +21,7 @@ __all__ = [
     "PrivgradError",
     "StepTrace",
     "UnsupportedModelError",
+    "accounting",
     "clipping",
     "validate",
 ]

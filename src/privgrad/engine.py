@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from privgrad import guards, validate
+from privgrad.accounting import PrivacyLedger
 from privgrad.clipping import ClipPlan, ClipRule, Flat, group_norms
 from privgrad.noise import NoiseSource
 from privgrad.per_sample import ghost
@@ -54,6 +55,10 @@ class DPEngine:
             same in every mode.
         seed: ``None`` for noise from OS entropy; an int for reproducible noise that is NOT
             secure.
+        sample_rate: ``q``, the probability that a sample joins a logical batch (Poisson
+            sampling: ``expected_batch_size / len(dataset)``). Needed for ``epsilon``.
+            ``noise_multiplier`` and ``sample_rate`` may be changed between steps; each
+            step is recorded in ``engine.ledger`` with the values it used.
         self_check: Verify on the first step that the per-sample gradients add up to the
             ordinary batch gradient (costs one extra backward, once).
 
@@ -77,6 +82,7 @@ class DPEngine:
         clipping: ClipRule | None = None,
         mode: str = "auto",
         seed: int | None = None,
+        sample_rate: float | None = None,
         self_check: bool = True,
     ) -> None:
         validate.check(model)
@@ -89,7 +95,10 @@ class DPEngine:
         self.clipping = _clip_rule(max_grad_norm, clipping)
         self.noise = NoiseSource(seed)
         self.self_check = self_check
+        self.sample_rate = sample_rate
+        self.ledger = PrivacyLedger()
         self.steps = 0
+        self._unaccounted = 0  # steps taken without a sample_rate
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self._names = {id(p): n for n, p in model.named_parameters()}
         self.plan: ClipPlan = self.clipping.bind(list(self._params))
@@ -165,7 +174,7 @@ class DPEngine:
         for n, p in trainable.items():
             p.grad = private[n]
             self._grads.record(n, private[n])
-        self.steps += 1
+        self._record_step()
         kept = {}
         if "pre_clip" in keep:
             kept["pre_clip"] = psg
@@ -186,6 +195,55 @@ class DPEngine:
             _shapes={n: p.shape for n, p in trainable.items()},
             _kept=kept,
         )
+
+    def _record_step(self) -> None:
+        self.steps += 1
+        if self.sample_rate is None:
+            self._unaccounted += 1
+        else:
+            self.ledger.record(self.noise_multiplier, self.sample_rate)
+
+    def epsilon(self, delta: float, accountant: str = "pld") -> float:
+        """Privacy spent so far: ε at ``delta`` for every step recorded in the ledger.
+
+        Args:
+            delta: Target δ in (0, 1), typically below 1 / len(dataset).
+            accountant: ``"pld"`` (tight, default) or ``"rdp"`` (looser upper bound).
+
+        Returns:
+            ε; ``inf`` if any step ran with ``noise_multiplier=0``.
+
+        Raises:
+            ValueError: If steps were taken without a ``sample_rate``.
+        """
+        unaccounted = self._unaccounted
+        if unaccounted:
+            raise ValueError(
+                f"privgrad: {unaccounted} step(s) ran without a sample_rate, so their privacy "
+                "cost is unknown. Fix: DPEngine(..., sample_rate=expected_batch_size / "
+                "len(dataset)) with Poisson sampling (privgrad.data)."
+            )
+        return self.ledger.epsilon(delta, accountant)
+
+    def state_dict(self) -> dict:
+        """The engine's state: step count, privacy ledger and noise generator state."""
+        return {
+            "steps": self.steps,
+            "unaccounted": self._unaccounted,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "ledger": self.ledger.state_dict(),
+            "noise": self.noise.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores ``state_dict()``: a restored engine reports the same ε."""
+        self.steps = int(state["steps"])
+        self._unaccounted = int(state.get("unaccounted", 0))
+        self.noise_multiplier = _check_sigma(state["noise_multiplier"])
+        self.sample_rate = state["sample_rate"]
+        self.ledger.load_state_dict(state["ledger"])
+        self.noise.load_state_dict(state["noise"])
 
     def close(self) -> None:
         """Removes privgrad's hooks from the model."""
