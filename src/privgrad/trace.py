@@ -32,7 +32,7 @@ def private_gradient(
         expected_batch_size: The fixed normaliser (not the realised batch size, which
             is itself private under Poisson sampling).
     """
-    return {n: (s + noise[n]) / expected_batch_size for n, s in clipped_sum.items()}
+    return {n: torch.add(s, noise[n]).div_(expected_batch_size) for n, s in clipped_sum.items()}
 
 
 def _broadcast(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,30 @@
+"""The ``privgrad`` command: ``privgrad epsilon`` and ``privgrad calibrate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from privgrad.cli import accounting
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``privgrad`` command and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="privgrad", description="Transparent, exact and fast DP-SGD for PyTorch."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    accounting.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (2 for invalid input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as e:
+        print(f"privgrad {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,5 @@
+import sys
+
+from privgrad.cli import main
+
+sys.exit(main())
