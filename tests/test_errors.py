@@ -171,6 +171,7 @@ def test_dropout_inside_functional_module():
     ({"max_grad_norm": None}, "no clipping threshold"),
     ({"clipping": pg.clipping.PerLayer(1.0)}, "not both"),
     ({"mode": "fast"}, "mode='fast'"),
+    ({"sample_rate": 2.0}, "outside \\(0, 1\\]"),
 ])
 def test_bad_configuration(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -26,3 +26,24 @@ def test_quickstart_runs_and_learns(capsys):
         assert abs(float(before) * float(factor) - float(after)) < 2e-3 + 1e-3 * float(before)
     accuracy = float(re.search(r"test accuracy ([\d.]+)%", out).group(1))
     assert accuracy > 80.0
+
+
+def test_readme_accounting_snippets_run(capsys):
+    import shlex
+
+    import privgrad as pg
+    from privgrad.cli import main
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Privacy accounting", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {"pg": pg}
+    exec(block, scope)
+    assert 0.99 * 3.0 <= scope["eps"] <= 3.0
+    lines = [line.strip() for line in section.splitlines()]
+    commands = [line for line in lines if line.startswith("privgrad ")]
+    assert len(commands) == 2
+    for cmd in commands:
+        assert main(shlex.split(cmd)[1:]) == 0
+    out = capsys.readouterr().out.split()
+    assert len(out) == 2 and float(out[0]) > 0 and float(out[1]) > 0

@@ -16,6 +16,7 @@ from torch import nn
 
 from privgrad import guards, validate
 from privgrad.accounting import PrivacyLedger
+from privgrad.accounting.validation import check_sample_rate
 from privgrad.clipping import ClipPlan, ClipRule, Flat, group_norms
 from privgrad.noise import NoiseSource
 from privgrad.per_sample import ghost
@@ -95,7 +96,7 @@ class DPEngine:
         self.clipping = _clip_rule(max_grad_norm, clipping)
         self.noise = NoiseSource(seed)
         self.self_check = self_check
-        self.sample_rate = sample_rate
+        self.sample_rate = None if sample_rate is None else check_sample_rate(sample_rate)
         self.ledger = PrivacyLedger()
         self.steps = 0
         self._unaccounted = 0  # steps taken without a sample_rate
@@ -171,10 +172,10 @@ class DPEngine:
         clipped_sum = {n: clipped_sum[n] for n in trainable}
         noise = self.noise.gaussian(clipped_sum, self.noise_std)
         private = private_gradient(clipped_sum, noise, self.expected_batch_size)
+        self._record_step()  # before p.grad is written: a step is never taken unrecorded
         for n, p in trainable.items():
             p.grad = private[n]
             self._grads.record(n, private[n])
-        self._record_step()
         kept = {}
         if "pre_clip" in keep:
             kept["pre_clip"] = psg
