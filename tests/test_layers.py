@@ -213,3 +213,35 @@ def test_frozen_parameters_are_skipped():
     engine.close()
     model.zero_grad()
     check(model, torch.randn(4, 3))
+
+
+@given(cfg=conv_cfg, strategy=st.sampled_from(["ghost", "cost", "measure"]))
+def test_conv_norm_formulas_equal_materialised(cfg, strategy):
+    from privgrad.per_sample import conv as rules
+
+    conv_t = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg["dim"]]
+    stride = 1 if cfg["padding"] == "same" else cfg["stride"]
+    g = cfg["groups"]
+    m = conv_t(g * cfg["cin_per_group"], g * cfg["cout_per_group"], cfg["k"], stride=stride,
+               padding=cfg["padding"], dilation=cfg["dilation"], groups=g,
+               padding_mode=cfg["padding_mode"]).double()
+    A = torch.randn(cfg["B"], g * cfg["cin_per_group"], *([5] * cfg["dim"]), dtype=torch.double)
+    G = torch.randn_like(m(A))
+    want = {k: v.flatten(1).square().sum(1) for k, v in rules.per_sample_grads(m, A, G).items()}
+    assert_close(rules.squared_norms(m, A, G, strategy), want)
+    f = torch.rand(cfg["B"], dtype=torch.double)
+    psg = rules.per_sample_grads(m, A, G)
+    assert_close(rules.clipped_sum(m, A, G, {"weight": f, "bias": f}),
+                 {k: torch.tensordot(f, v, dims=1) for k, v in psg.items()})
+
+
+@given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 17]), d=st.integers(1, 7),
+       p=st.integers(1, 7), strategy=st.sampled_from(["ghost", "cost"]))
+def test_linear_norm_formulas_equal_materialised(B, T, d, p, strategy):
+    from privgrad.per_sample import linear as rules
+
+    m = nn.Linear(d, p).double()
+    A = torch.randn(B, T, d, dtype=torch.double)
+    G = torch.randn(B, T, p, dtype=torch.double)
+    want = {k: v.flatten(1).square().sum(1) for k, v in rules.per_sample_grads(m, A, G).items()}
+    assert_close(rules.squared_norms(m, A, G, strategy), want)

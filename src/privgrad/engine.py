@@ -50,8 +50,9 @@ class DPEngine:
         expected_batch_size: The normaliser of the private gradient (``q·N`` under Poisson
             sampling), a privacy-relevant constant, never the realised batch size.
         clipping: A rule from ``privgrad.clipping`` (``PerLayer``, ``Automatic``, ...).
-        mode: ``"auto"`` (cheapest exact path per layer) | ``"ghost"`` (ghost norms
-            wherever a layer has them) | ``"materialize"`` (every per-sample gradient) |
+        mode: ``"auto"`` (book-keeping; per layer the fastest exact norm, measured once
+            per layer shape) | ``"ghost"`` (book-keeping; ghost or materialised norm per
+            layer by the cost rule ``2T² < d·p``) | ``"materialize"`` (every per-sample gradient) |
             ``"vmap"`` (torch.func for every layer): performance only, the result is the
             same in every mode.
         seed: ``None`` for noise from OS entropy; an int for reproducible noise that is NOT
@@ -152,7 +153,8 @@ class DPEngine:
             psg = per_sample_grads(dense_ios, self._names, B)
         else:
             psg = {n: p.new_zeros(0, *p.shape) for n, p in trainable.items()}
-        layer_sq = ghost.squared_norms(ghost_ios, self._names, self.mode)
+        strategy = "measure" if self.mode == "auto" else "cost"
+        layer_sq = ghost.squared_norms(ghost_ios, self._names, strategy)
         layer_sq |= {n: g.flatten(1).square().sum(1) for n, g in psg.items()}
         guards.check_complete(trainable, layer_sq)
         layer_sq = {n: layer_sq[n] for n in trainable}

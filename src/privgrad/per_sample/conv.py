@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from privgrad.per_sample import autotune
 from privgrad.per_sample.registry import LayerRule, register
 
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -102,14 +103,19 @@ def _unfolded(module: _Conv, A: torch.Tensor) -> torch.Tensor | None:
 
 
 def squared_norms(
-    module: _Conv, A: torch.Tensor, G: torch.Tensor, strategy: str = "auto"
+    module: _Conv, A: torch.Tensor, G: torch.Tensor, strategy: str = "cost"
 ) -> dict[str, torch.Tensor]:
-    """Squared per-sample norms: the ghost norm on the unfolded input where cheaper.
+    """Squared per-sample norms, by the ghost norm or by a materialised gradient.
 
-    With ``L`` output positions, ``d = C_in/groups · K`` and ``p = C_out/groups``, the
-    ghost norm per group ``⟨A Aᵀ, G Gᵀ⟩`` (over positions) is used when ``2L² < d·p``
-    (or always with ``strategy="ghost"``); otherwise the per-sample gradient is formed by
-    the convolution kernel and reduced immediately.
+    With ``L`` output positions, ``d = C_in/groups · K`` and ``p = C_out/groups``:
+
+    * ghost: per group ``⟨A Aᵀ, G Gᵀ⟩`` over positions on the unfolded input (1d/2d);
+    * grouped: the per-sample gradient from one weight-gradient kernel with the batch
+      folded into the groups, reduced at once;
+    * unfold: the per-sample gradient as ``G Aᵀ`` with a batched matmul (1d/2d).
+
+    ``strategy="cost"`` takes ghost when ``2L² < d·p``, else grouped; ``"measure"`` times
+    the candidates once per layer shape and keeps the fastest; ``"ghost"`` forces ghost.
 
     Returns:
         ``{"weight": (B,), "bias": (B,)}``.
@@ -118,14 +124,32 @@ def squared_norms(
     L = G[0, 0].numel()
     d = module.weight[0].numel()
     p = module.out_channels // g
-    cols = _unfolded(module, A) if strategy == "ghost" or 2 * L * L < d * p else None
-    if cols is not None:
+    flat = len(module.kernel_size) < 3
+
+    def ghost() -> torch.Tensor:
+        cols = _unfolded(module, A).reshape(B * g, d, L)
         Gg = G.reshape(B * g, p, L)
-        Ag = cols.reshape(B * g, d, L)
-        gram = torch.bmm(Ag.transpose(1, 2), Ag) * torch.bmm(Gg.transpose(1, 2), Gg)
-        w = gram.sum((1, 2)).view(B, g).sum(1)
+        gram = torch.bmm(cols.transpose(1, 2), cols) * torch.bmm(Gg.transpose(1, 2), Gg)
+        return gram.sum((1, 2)).view(B, g).sum(1)
+
+    def grouped() -> torch.Tensor:
+        return _weight_grad(module, A, G, folds=B).view(B, -1).square().sum(1)
+
+    def unfold() -> torch.Tensor:
+        cols = _unfolded(module, A).reshape(B * g, d, L)
+        return torch.bmm(G.reshape(B * g, p, L), cols.transpose(1, 2)).view(B, -1).square().sum(1)
+
+    if B == 0:
+        w = G.new_zeros(0)
+    elif strategy == "ghost" and flat:
+        w = ghost()
+    elif strategy == "measure" and flat:
+        key = ("conv", module.kernel_size, module.stride, module.dilation, module.padding,
+               module.padding_mode, module.groups, tuple(A.shape[1:]), tuple(G.shape[1:]),
+               A.dtype, A.device.type)
+        w = autotune.fastest(key, {"ghost": ghost, "grouped": grouped, "unfold": unfold})
     else:
-        w = _weight_grad(module, A, G, folds=B).view(B, -1).square().sum(1)
+        w = ghost() if flat and 2 * L * L < d * p else grouped()
     out = {"weight": w}
     if module.bias is not None:
         out["bias"] = G.flatten(2).sum(dim=2).square().sum(1)

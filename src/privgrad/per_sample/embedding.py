@@ -19,7 +19,7 @@ def _rows(module: nn.Embedding, A: torch.Tensor, G: torch.Tensor):  # noqa: ANN2
 
 
 def squared_norms(
-    module: nn.Embedding, A: torch.Tensor, G: torch.Tensor, strategy: str = "auto"
+    module: nn.Embedding, A: torch.Tensor, G: torch.Tensor, strategy: str = "cost"
 ) -> dict[str, torch.Tensor]:
     """Squared per-sample norms by summing gradient rows per unique (sample, token).
 

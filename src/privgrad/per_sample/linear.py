@@ -44,7 +44,7 @@ def use_ghost_norm(T: int, d: int, p: int) -> bool:
 
 
 def squared_norms(
-    module: nn.Linear, A: torch.Tensor, G: torch.Tensor, strategy: str = "auto"
+    module: nn.Linear, A: torch.Tensor, G: torch.Tensor, strategy: str = "cost"
 ) -> dict[str, torch.Tensor]:
     """Squared per-sample gradient norms without materialising ``(B, p, d)`` unless cheaper.
 
@@ -55,7 +55,8 @@ def squared_norms(
         module: The layer.
         A: Input ``(B, *, d)``.
         G: Output gradient ``(B, *, p)``.
-        strategy: ``"auto"`` picks by cost; ``"ghost"`` always uses the ghost formula.
+        strategy: ``"cost"`` or ``"measure"`` pick by the cost rule (reliable for a
+            matmul); ``"ghost"`` always uses the ghost formula.
 
     Returns:
         ``{"weight": (B,), "bias": (B,)}``.

@@ -22,8 +22,9 @@ PerSampleGradsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, t
 SquaredNormsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, str], dict[str, torch.Tensor]]
 """``(module, A, G, strategy) -> {param attribute: (B,)}`` squared per-sample norms,
 computed without materialising per-sample gradients where that is cheaper (ghost norms).
-``strategy`` is ``"auto"`` (cheapest exact formula per layer) or ``"ghost"`` (always the
-ghost formula where the layer has one)."""
+``strategy`` is ``"cost"`` (pick the formula by the performance model), ``"measure"``
+(time the formulas once per layer shape, keep the fastest) or ``"ghost"`` (always the
+ghost formula where the layer has one; used by tests)."""
 
 ClippedSumFn = Callable[
     [nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]

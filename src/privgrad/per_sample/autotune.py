@@ -1,0 +1,49 @@
+"""Measured choice between exact implementations of the same per-layer quantity.
+
+Which of several exact formulas is fastest depends on shapes, dtype and the backend's
+kernels (a grouped convolution kernel can be 5× slower or faster than im2col + bmm on
+the same layer). ``fastest`` times each candidate once per key — the layer's per-sample
+shapes, never the batch size, which varies under Poisson sampling — remembers the
+winner, and afterwards runs only the winner. All candidates give the same result up to
+floating-point rounding, so the choice changes speed only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_CHOICE: dict[Hashable, str] = {}
+
+
+def fastest(key: Hashable, candidates: dict[str, Callable[[], T]]) -> T:
+    """Runs the fastest candidate for ``key``, timing all of them on the first call.
+
+    Args:
+        key: What the choice depends on (layer configuration and per-sample shapes).
+        candidates: ``{name: thunk}``; every thunk computes the same value.
+
+    Returns:
+        The value computed by the chosen (or, on the first call, the fastest) candidate.
+    """
+    name = _CHOICE.get(key)
+    if name in candidates:
+        return candidates[name]()
+    best, best_t, best_v = None, float("inf"), None
+    for n, fn in candidates.items():
+        fn()  # warm-up: kernel selection, allocator
+        start = time.perf_counter()
+        v = fn()
+        elapsed = time.perf_counter() - start
+        if elapsed < best_t:
+            best, best_t, best_v = n, elapsed, v
+    _CHOICE[key] = best
+    return best_v
+
+
+def choices() -> dict[Hashable, str]:
+    """The choices made so far (for reports and tests)."""
+    return dict(_CHOICE)
