@@ -256,3 +256,33 @@ def test_prefetched_noise_equals_drawing_in_place_and_survives_state_round_trip(
     assert all(torch.equal(nxt[n], again[n]) for n in like)
     same = direct.gaussian(like, 1.0)
     assert all(torch.equal(nxt[n], same[n]) for n in like)
+
+
+def test_all_modes_give_the_same_private_gradient_for_the_same_seed():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 6, padding_idx=0)
+            self.conv = nn.Conv1d(6, 5, 3, padding="same")
+            self.norm = nn.GroupNorm(1, 5)
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, idx):
+            h = self.norm(self.conv(self.emb(idx).transpose(1, 2))).transpose(1, 2)
+            return self.fc(torch.tanh(h)).mean(1)
+
+    torch.manual_seed(0)
+    base = Net().double()
+    idx, y = torch.randint(0, 11, (9, 7)), torch.randint(0, 3, (9,))
+    grads = {}
+    for mode in ("auto", "ghost", "materialize", "vmap"):
+        model = Net().double()
+        model.load_state_dict(base.state_dict())
+        with pg.DPEngine(model, noise_multiplier=0.8, max_grad_norm=0.1, expected_batch_size=9,
+                         mode=mode, seed=7) as engine:
+            trace = engine.backward(F.cross_entropy(model(idx), y, reduction="none"))
+        assert bool((trace.clip_factors < 1).any())
+        grads[mode] = {n: p.grad for n, p in model.named_parameters()}
+    for mode in ("ghost", "materialize", "vmap"):
+        for n, g in grads["auto"].items():
+            torch.testing.assert_close(grads[mode][n], g, rtol=1e-10, atol=1e-12, msg=n)

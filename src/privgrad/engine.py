@@ -101,6 +101,7 @@ class DPEngine:
         self.ledger = PrivacyLedger()
         self.steps = 0
         self._unaccounted = 0  # steps taken without a sample_rate
+        self._verified = False  # the first non-empty step is checked against autograd
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self._names = {id(p): n for n, p in model.named_parameters()}
         self.plan: ClipPlan = self.clipping.bind(list(self._params))
@@ -139,7 +140,7 @@ class DPEngine:
         if B > 0:
             if not losses.requires_grad:
                 raise guards.not_connected(losses)
-            if self.self_check and self.steps == 0:
+            if self.self_check and not self._verified:
                 reference = dict(zip(trainable, torch.autograd.grad(
                     losses.sum(), list(trainable.values()), retain_graph=True, allow_unused=True
                 ), strict=True))
@@ -165,6 +166,7 @@ class DPEngine:
             sums = {n: g.sum(0) for n, g in psg.items()}
             sums |= ghost.clipped_sums(ghost_ios, self._names, ones)
             guards.self_check(reference, sums, {n: s.sqrt().sum() for n, s in layer_sq.items()})
+            self._verified = True
         factors = self.plan.factors(group_norms(layer_sq, self.plan.group_of))
         param_factors = {n: factors[self.plan.group_of[n]] for n in trainable}
         clipped_sum = ghost.clipped_sums(ghost_ios, self._names, param_factors)
