@@ -43,7 +43,3 @@ def fastest(key: Hashable, candidates: dict[str, Callable[[], T]]) -> T:
     _CHOICE[key] = best
     return best_v
 
-
-def choices() -> dict[Hashable, str]:
-    """The choices made so far (for reports and tests)."""
-    return dict(_CHOICE)

@@ -114,10 +114,6 @@ class Capture:
         calls, self._calls = self._calls, []
         return calls
 
-    def pending(self) -> int:
-        """Number of calls recorded and not yet taken."""
-        return len(self._calls)
-
     def close(self) -> None:
         """Removes every hook; the model is left exactly as it was."""
         for h in self._handles:
