@@ -282,3 +282,17 @@ def test_all_modes_give_the_same_private_gradient_for_the_same_seed():
     for mode in ("ghost", "materialize", "vmap"):
         for n, g in grads["auto"].items():
             torch.testing.assert_close(grads[mode][n], g, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_per_layer_single_group_and_fp16_norms():
+    model = nn.Sequential(nn.Linear(4, 2, bias=False))
+    engine = pg.DPEngine(model, noise_multiplier=0.0, expected_batch_size=3,
+                         clipping=pg.clipping.PerLayer({"0": 1.0}))
+    trace = engine.backward(model(torch.randn(3, 4)).sum(1))
+    assert trace.clip_factors.shape == (3,)
+    half = nn.Linear(4, 2).half()
+    engine = pg.DPEngine(half, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=3,
+                         mode="materialize", self_check=False)
+    trace = engine.backward(half(torch.full((3, 4), 30.0, dtype=torch.half)).float().square()
+                            .sum(1))
+    assert bool(torch.isfinite(trace.norms).all()) and float(trace.norms[0]) > 256

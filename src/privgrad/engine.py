@@ -156,7 +156,7 @@ class DPEngine:
             psg = {n: p.new_zeros(0, *p.shape) for n, p in trainable.items()}
         strategy = "measure" if self.mode == "auto" else "cost"
         layer_sq = ghost.squared_norms(ghost_ios, self._names, strategy)
-        layer_sq |= {n: g.flatten(1).square().sum(1) for n, g in psg.items()}
+        layer_sq |= {n: _sq_norms(g) for n, g in psg.items()}
         guards.check_complete(trainable, layer_sq)
         layer_sq = {n: layer_sq[n] for n in trainable}
         total_sq = sum(layer_sq.values()) if layer_sq else losses.new_zeros(B)
@@ -188,7 +188,7 @@ class DPEngine:
         return StepTrace(
             norms=total_sq.sqrt(),
             layer_norms={n: s.sqrt() for n, s in layer_sq.items()},
-            clip_factors=factors["all"] if self.plan.is_flat else factors,
+            clip_factors=factors[next(iter(factors))] if self.plan.is_flat else factors,
             param_clip_factors=param_factors,
             clipped_sum=clipped_sum,
             noise=noise,
@@ -259,6 +259,13 @@ class DPEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _sq_norms(g: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared norms of ``(B, ...)``; half precision accumulates in float32."""
+    if g.dtype in (torch.float16, torch.bfloat16):
+        g = g.float()
+    return g.flatten(1).square().sum(1)
 
 
 def _check_sigma(sigma: float) -> float:
