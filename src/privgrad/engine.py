@@ -20,7 +20,12 @@ from privgrad.accounting.validation import check_sample_rate
 from privgrad.clipping import ClipPlan, ClipRule, Flat, group_norms
 from privgrad.noise import NoiseSource
 from privgrad.per_sample import ghost
-from privgrad.per_sample.batch import check_batch_sizes, output_grads, per_sample_grads
+from privgrad.per_sample.batch import (
+    check_batch_sizes,
+    functional_snapshot,
+    output_grads,
+    per_sample_grads,
+)
 from privgrad.per_sample.capture import Capture
 from privgrad.per_sample.plan import plan_units
 from privgrad.trace import KEEPABLE, StepTrace, clip, private_gradient
@@ -136,14 +141,13 @@ class DPEngine:
         calls = self._capture.take()
         B = losses.shape[0]
         ios = []
-        reference = None
+        reference = reference_one = None
         if B > 0:
             if not losses.requires_grad:
                 raise guards.not_connected(losses)
             if self.self_check and not self._verified:
-                reference = dict(zip(trainable, torch.autograd.grad(
-                    losses.sum(), list(trainable.values()), retain_graph=True, allow_unused=True
-                ), strict=True))
+                reference = _autograd(losses.sum(), trainable)
+                reference_one = _autograd(losses[0], trainable) if B > 1 else None
             ios = output_grads(losses, calls)
             if not ios:
                 raise guards.not_connected(losses)
@@ -165,7 +169,12 @@ class DPEngine:
             ones = {n: torch.ones_like(s) for n, s in layer_sq.items()}
             sums = {n: g.sum(0) for n, g in psg.items()}
             sums |= ghost.clipped_sums(ghost_ios, self._names, ones)
-            guards.self_check(reference, sums, {n: s.sqrt().sum() for n, s in layer_sq.items()})
+            rtol = 3e-2 if any(io.half for io in ios) else 1e-3
+            scales = {n: s.sqrt().sum() for n, s in layer_sq.items()}
+            guards.self_check(reference, sums, scales, rtol)
+            if reference_one is not None:
+                one = per_sample_grads(ios, self._names, B, torch.zeros(1, dtype=torch.long))
+                guards.check_sample(reference_one, {n: one[n] for n in trainable}, 0, rtol)
             self._verified = True
         factors = self.plan.factors(group_norms(layer_sq, self.plan.group_of))
         param_factors = {n: factors[self.plan.group_of[n]] for n in trainable}
@@ -199,6 +208,7 @@ class DPEngine:
             _names=self._names,
             _shapes={n: p.shape for n, p in trainable.items()},
             _kept=kept,
+            _snapshot=functional_snapshot(ios) if len(kept) < len(KEEPABLE) else {},
         )
 
     def _record_step(self) -> None:
@@ -259,6 +269,11 @@ class DPEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _autograd(loss: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
+    return dict(zip(params, grads, strict=True))
 
 
 def _sq_norms(g: torch.Tensor) -> torch.Tensor:

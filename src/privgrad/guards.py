@@ -12,6 +12,7 @@ from privgrad.errors import (
     InvalidLossError,
     MissingGradientError,
     NonFiniteGradientError,
+    UnsupportedModelError,
 )
 
 
@@ -164,4 +165,40 @@ def self_check(
                 "h @ embedding.weight.T in a parent module), or a layer mixes samples. Fix: "
                 "use the owning module to apply it (e.g. an nn.Linear whose weight is the "
                 "tied Parameter), or report the model structure as a bug."
+            )
+
+
+def check_sample(
+    reference: Mapping[str, torch.Tensor | None],
+    got: Mapping[str, torch.Tensor],
+    i: int,
+    rtol: float = 1e-3,
+) -> None:
+    """Compares sample ``i``'s per-sample gradient with autograd's gradient of its loss.
+
+    Catches what the sum check cannot: a layer whose input is shared by all samples but
+    happens to have ``B`` rows (``nn.Embedding`` on ``torch.arange(T)`` with ``T == B``),
+    or a layer that mixes samples.
+
+    Args:
+        reference: ``{name: grad of losses[i]}`` from ordinary autograd.
+        got: ``{name: (1, *shape)}`` sample ``i``'s gradient from the per-sample core.
+        i: The sample.
+        rtol: Tolerance relative to the norm of sample ``i``'s whole gradient.
+    """
+    floor = max((float(g.norm()) for g in got.values()), default=0.0)
+    total = sum(float(g.double().square().sum()) for g in got.values()) ** 0.5
+    for name, g in got.items():
+        ref = reference.get(name)
+        ref = torch.zeros_like(g[0]) if ref is None else ref
+        err = float((g[0] - ref).norm())
+        if err > rtol * total + torch.finfo(g.dtype).eps ** 0.5 * floor:
+            raise UnsupportedModelError(
+                f"privgrad: sample {i}'s gradient of '{name}' computed per sample differs from "
+                f"autograd's gradient of losses[{i}] (error {err:.2e} vs norm {total:.2e}). "
+                "A layer's input is shared by all samples yet has the batch size on dim 0 "
+                "(e.g. nn.Embedding on torch.arange(T) with T == B, broadcast over the "
+                "batch), or a layer mixes samples. Fix: give shared inputs the batch "
+                "dimension (emb(torch.arange(T).expand(B, T))), and replace sample-mixing "
+                "layers (privgrad.validate.problems(model) lists known ones)."
             )

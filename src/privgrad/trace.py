@@ -72,6 +72,7 @@ class StepTrace:
     _names: dict[int, str] = field(repr=False)
     _shapes: dict[str, torch.Size] = field(repr=False)
     _kept: dict[str, dict[str, torch.Tensor]] = field(repr=False)
+    _snapshot: dict[int, torch.Tensor] = field(repr=False, default_factory=dict)
 
     @property
     def private_grad(self) -> dict[str, torch.Tensor]:
@@ -106,7 +107,9 @@ class StepTrace:
         """Per-sample gradients before or after clipping. NOT PRIVATE.
 
         Kept gradients (``keep=`` at the step) are indexed; otherwise only the requested
-        samples are materialised from the recorded layer inputs and output gradients.
+        samples are materialised from the recorded layer inputs and output gradients (and,
+        for modules without a rule, a copy of their parameters taken at the step), so the
+        answer is the same before and after ``optimizer.step()``.
 
         Args:
             clipped: ``False`` for the raw gradients, ``True`` for
@@ -125,7 +128,7 @@ class StepTrace:
             raw = self._kept["pre_clip"]
             raw = raw if idx is None else {n: g.index_select(0, idx) for n, g in raw.items()}
         else:
-            raw = per_sample_grads(self._ios, self._names, self.batch_size, idx)
+            raw = per_sample_grads(self._ios, self._names, self.batch_size, idx, self._snapshot)
             k = self.batch_size if idx is None else len(idx)
             for n, shape in self._shapes.items():  # empty batch
                 if n not in raw:

@@ -9,7 +9,7 @@ parameters and of modules called several times.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,10 +25,12 @@ class LayerIO:
     Attributes:
         call: The call (inputs ``A`` and output shapes).
         grads: One entry per output leaf: ``G``, or ``None`` if it did not reach the loss.
+        half: Whether the layer ran in 16-bit precision (e.g. under ``torch.autocast``).
     """
 
     call: Call
     grads: list[torch.Tensor | None]
+    half: bool = False
 
     @property
     def A(self) -> torch.Tensor:
@@ -62,8 +64,33 @@ def output_grads(losses: torch.Tensor, calls: list[Call]) -> list[LayerIO]:
     for c in calls:
         gs = per_call.get(id(c))
         if gs is not None and any(g is not None for g in gs):
-            out.append(LayerIO(c, gs))
+            out.append(_common_dtype(c, gs) if c.unit.rule is not None else LayerIO(c, gs))
     return out
+
+
+def _common_dtype(call: Call, grads: list[torch.Tensor | None]) -> LayerIO:
+    """Brings a rule call's ``A`` and ``G`` to one floating dtype (autocast mixes them).
+
+    Under ``torch.autocast`` a Linear's input may be float32 while its output gradient is
+    bfloat16; the per-sample gradient is computed in the widest of the two and of the
+    layer's parameters, which is also the dtype of ``p.grad``.
+    """
+    A, G = call.args[0], grads[0]
+    if G is None:
+        return LayerIO(call, grads)
+    half = any(t.dtype in _HALF for t in (A, G))
+    dtype = G.dtype
+    for t in (A, *call.unit.params.values()):
+        if t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    if G.dtype != dtype:
+        grads = [G.to(dtype), *grads[1:]]
+    if A.is_floating_point() and A.dtype != dtype:
+        call = replace(call, args=(A.to(dtype),))
+    return LayerIO(call, grads, half)
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def check_batch_sizes(ios: list[LayerIO], batch_size: int) -> None:
@@ -77,7 +104,9 @@ def check_batch_sizes(ios: list[LayerIO], batch_size: int) -> None:
                 f"received a batch of {io.A.shape[0]} samples along dim 0, but the losses have "
                 f"{batch_size} entries. Per-sample gradients need the batch on dim 0 of every "
                 "layer input and one loss per sample. Fix: use batch-first inputs and pass "
-                "losses of shape (B,), e.g. F.cross_entropy(out, y, reduction='none')."
+                "losses of shape (B,), e.g. F.cross_entropy(out, y, reduction='none'); if "
+                "this layer's input is shared by all samples (positions torch.arange(T)), "
+                "give it the batch dimension: layer(torch.arange(T).expand(B, T))."
             )
 
 
@@ -86,6 +115,7 @@ def per_sample_grads(
     names: dict[int, str],
     batch_size: int,
     samples: torch.Tensor | None = None,
+    snapshot: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-sample gradients of every parameter reached by the recorded calls.
 
@@ -94,6 +124,9 @@ def per_sample_grads(
         names: ``id(parameter) -> name`` as in ``model.named_parameters()``.
         batch_size: ``B``.
         samples: Optional indices ``(k,)``: compute only those samples.
+        snapshot: ``id(parameter) -> value at the step`` for the parameters of functional
+            units (their per-sample gradients depend on the weights; an optimizer step
+            changes those in place). Default: the current values.
 
     Returns:
         ``{parameter name: (B or k, *shape)}``; tied parameters and repeated calls are summed.
@@ -107,7 +140,10 @@ def per_sample_grads(
                 A, G = A.index_select(0, samples), G.index_select(0, samples)
             grads = unit.rule.per_sample_grads(unit.module, A, G)
         else:
-            grads = functional.per_sample_grads(io.call, io.grads, batch_size, samples)
+            at_step = None if snapshot is None else {
+                rel: snapshot.get(id(p), p) for rel, p in unit.params.items()
+            }
+            grads = functional.per_sample_grads(io.call, io.grads, batch_size, samples, at_step)
         for rel, g in grads.items():
             p = unit.params.get(rel)
             if p is None or not p.requires_grad:
@@ -115,3 +151,12 @@ def per_sample_grads(
             name = names[id(p)]
             out[name] = out[name] + g if name in out else g
     return out
+
+
+def functional_snapshot(ios: list[LayerIO]) -> dict[int, torch.Tensor]:
+    """Copies of the parameters that functional units' per-sample gradients depend on."""
+    return {
+        id(p): p.detach().clone()
+        for io in ios if io.call.unit.rule is None
+        for p in io.call.unit.params.values()
+    }

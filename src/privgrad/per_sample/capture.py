@@ -7,6 +7,10 @@ on the module or on tensors. ``DPEngine.backward`` takes the calls and different
 summed loss with respect to those edges to obtain each call's output gradient ``G``.
 Gradient edges are taken at forward time, so an in-place op applied later to the output
 (``nn.ReLU(inplace=True)``) does not change which value ``G`` is the gradient of.
+
+A call made *inside* the forward of a functional unit that claims the same parameters is
+not recorded: the functional unit's re-run already covers it, and recording both would
+count those parameters' gradients twice. The same module called on its own is recorded.
 """
 
 from __future__ import annotations
@@ -74,6 +78,21 @@ def _outputs(output: Any) -> tuple[list[torch.Size | None], list[GradientEdge | 
     return shapes, edges
 
 
+def _layer_input(unit: Unit, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The input tensor of a rule unit, given positionally or as ``input=``."""
+    if args:
+        return args[0]
+    if "input" in kwargs:
+        return kwargs["input"]
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(
+        f"privgrad: module '{unit.path}' ({type(unit.module).__name__}) was called without an "
+        "input tensor. Fix: call it as module(x)."
+    )
+
+
 class Capture:
     """Records the forward calls of a set of units until ``close()``.
 
@@ -83,10 +102,34 @@ class Capture:
 
     def __init__(self, units: list[Unit]) -> None:
         self._calls: list[Call] = []
+        self._active: list[frozenset[int]] = []  # params claimed by running functional units
         self._handles = []
         for unit in units:
+            if unit.rule is None:
+                claimed = frozenset(id(p) for p in unit.params.values())
+                self._handles.append(unit.module.register_forward_pre_hook(
+                    self._make_enter(claimed)))
+                self._handles.append(unit.module.register_forward_hook(
+                    self._make_exit(), always_call=True))
             hook = self._make_hook(unit)
             self._handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
+
+    def _make_enter(self, claimed: frozenset[int]):  # noqa: ANN202
+        def enter(module, args):  # noqa: ANN001, ANN202
+            self._active.append(claimed)
+
+        return enter
+
+    def _make_exit(self):  # noqa: ANN202
+        def leave(module, args, output):  # noqa: ANN001, ANN202
+            if self._active:
+                self._active.pop()
+
+        return leave
+
+    def _inside_claimer(self, unit: Unit) -> bool:
+        mine = {id(p) for p in unit.params.values()}
+        return any(not mine.isdisjoint(frame) for frame in self._active)
 
     def _make_hook(self, unit: Unit):  # noqa: ANN202
         rule_unit = unit.rule is not None
@@ -96,11 +139,14 @@ class Capture:
                 return None
             if not any(p.requires_grad for p in unit.params.values()):
                 return None
+            if self._active and self._inside_claimer(unit):
+                return None
             shapes, edges = _outputs(output)
             if not any(e is not None for e in edges):
                 return None
             if rule_unit:
-                self._calls.append(Call(unit, (args[0].detach(),), {}, shapes, edges))
+                A = _layer_input(unit, args, kwargs).detach()
+                self._calls.append(Call(unit, (A,), {}, shapes, edges))
             else:
                 self._calls.append(Call(
                     unit, tree_map(_detach, tuple(args)), tree_map(_detach, kwargs), shapes, edges
@@ -120,3 +166,4 @@ class Capture:
             h.remove()
         self._handles = []
         self._calls = []
+        self._active = []

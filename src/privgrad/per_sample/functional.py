@@ -8,11 +8,19 @@ per-sample backward passes — slow but exact.
 
 This is valid only for modules that treat samples independently: validate.py rejects
 the known sample-mixing layers, and ``DPEngine``'s first-step self-check catches others.
+
+Which inputs carry the batch: an input whose batch axis does not have size ``B`` is shared
+by all samples. When several inputs do have size ``B`` there (``q, k, v`` of attention, or
+a ``(T, D)`` position table with ``T == B``), the split is confirmed once per module by
+running samples alone and comparing with the batched forward; a shared input is never
+sliced by accident.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -24,10 +32,13 @@ from privgrad.errors import InvalidLossError, UnsupportedModelError
 from privgrad.per_sample.capture import Call, suspended
 
 _WARNED: set[type] = set()
+_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[set, set[int]]]] = (
+    weakref.WeakKeyDictionary()
+)  # module -> {input signature: ({(leaf, shape) known shared}, {leaf known per-sample})}
 
 
-def _input_batch_dims(module: nn.Module, call: Call, leaves: list[Any], B: int) -> list[int | None]:
-    """Batch axis of each input leaf (``None``: shared by all samples)."""
+def _candidate_dims(module: nn.Module, call: Call, leaves: list[Any], B: int) -> list[int | None]:
+    """Batch axis of each input leaf by shape (``None``: certainly shared by all samples)."""
     first = 1 if getattr(module, "batch_first", True) is False else 0
     dims: list[int | None] = []
     n_pos = len(tree_flatten(call.args)[0])
@@ -39,8 +50,90 @@ def _input_batch_dims(module: nn.Module, call: Call, leaves: list[Any], B: int) 
         hidden = is_rnn and 0 < k < n_pos  # hx / (h0, c0): (layers, B, H)
         seq_first = k < n_pos and first == 1 and x.dim() == 3  # (T, B, E)
         d = 1 if hidden or seq_first else 0
-        dims.append(d if x.shape[d] == B else None)
+        dims.append(d if x.dim() > d and x.shape[d] == B else None)
     return dims
+
+
+def _signature(leaves: list[Any]) -> tuple:
+    return tuple(x.dim() if isinstance(x, torch.Tensor) else None for x in leaves)
+
+
+def _input_batch_dims(
+    module: nn.Module, params: dict, call: Call, leaves: list[Any], spec: Any, B: int
+) -> list[int | None]:
+    """Batch axis of each input leaf; ambiguous leaves are resolved by a probe."""
+    dims = _candidate_dims(module, call, leaves, B)
+    shared, batched = _KNOWN.setdefault(module, {}).setdefault(_signature(leaves), (set(), set()))
+    dims = [None if (k, _shape(leaves[k])) in shared else d for k, d in enumerate(dims)]
+    cands = [k for k, d in enumerate(dims) if d is not None]
+    unknown = [k for k in cands if k not in batched]
+    if B > 1 and len(cands) > 1 and unknown:
+        found = _probe_shared(module, params, leaves, dims, unknown, spec, B)
+        shared.update((k, _shape(leaves[k])) for k in found)
+        batched.update(k for k in cands if k not in found)
+        dims = [None if k in found else d for k, d in enumerate(dims)]
+    return dims
+
+
+def _shape(x: Any) -> tuple | None:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else None
+
+
+def _probe_shared(
+    module: nn.Module, params: dict, leaves: list[Any], dims: list[int | None],
+    unknown: list[int], spec: Any, B: int,
+) -> frozenset[int]:
+    """The smallest set of ``unknown`` leaves that must be shared for the forward to split."""
+    n_cands = sum(d is not None for d in dims)
+    with torch.no_grad(), suspended():
+        args, kwargs = tree_unflatten(leaves, spec)
+        full = tree_flatten(functional_call(module, params, args, kwargs))[0]
+        subsets = itertools.chain.from_iterable(
+            itertools.combinations(unknown, r) for r in range(min(len(unknown), 3) + 1)
+        )
+        for subset in subsets:
+            if len(subset) == n_cands:
+                continue  # at least one input must be per-sample
+            trial = [None if k in subset else d for k, d in enumerate(dims)]
+            if all(_splits(module, params, leaves, trial, spec, full, B, i) for i in (0, B - 1)):
+                return frozenset(subset)
+    raise UnsupportedModelError(
+        f"privgrad: cannot tell which inputs of {type(module).__name__} are per-sample: "
+        "running a sample alone does not reproduce the batched output for any choice of "
+        f"shared inputs (input leaves {unknown} have the batch size {B} on their batch "
+        "axis). Either the module mixes samples (not allowed in DP-SGD) or it is "
+        "nondeterministic. Fix: make it per-sample and deterministic, or register a "
+        "per-sample rule for it (privgrad.per_sample.registry)."
+    )
+
+
+def _splits(
+    module: nn.Module, params: dict, leaves: list[Any], dims: list[int | None], spec: Any,
+    full: list[Any], B: int, i: int,
+) -> bool:
+    """Whether running sample ``i`` alone under ``dims`` matches the batched outputs."""
+    try:
+        args, kwargs = tree_unflatten(_narrow(leaves, dims, i), spec)
+        one = tree_flatten(functional_call(module, params, args, kwargs))[0]
+    except (RuntimeError, ValueError, IndexError, AssertionError):
+        return False
+    for f, o in zip(full, one, strict=True):
+        if not isinstance(f, torch.Tensor) or f.dim() == 0:
+            continue
+        d = next((k for k, (a, b) in enumerate(zip(f.shape, o.shape, strict=False))
+                  if a == B and b == 1), None)
+        if d is None or f.dim() != o.dim():
+            return False
+        ref = f.narrow(d, i, 1)
+        if ref.shape != o.shape or not ref.is_floating_point():
+            if not torch.equal(ref, o):
+                return False
+            continue
+        tol = 1e-3 if ref.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-7
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        if not torch.allclose(ref, o, rtol=tol, atol=tol * max(scale, 1e-6)):
+            return False
+    return True
 
 
 def _narrow(leaves: list[Any], dims: list[int | None], i: int) -> list[Any]:
@@ -68,8 +161,6 @@ def _output_batch_dims(
     out_shapes: list[torch.Size | None], B: int,
 ) -> list[int | None]:
     """Finds each output's batch axis by running the module on sample 0 alone."""
-    if B == 1:
-        return [0 if s is not None and len(s) > 0 else None for s in out_shapes]
     args, kwargs = tree_unflatten(_narrow(in_leaves, in_dims, 0), spec)
     with torch.no_grad(), suspended():
         probe = tree_flatten(functional_call(module, params, args, kwargs))[0]
@@ -90,6 +181,7 @@ def per_sample_grads(
     grad_outputs: list[torch.Tensor | None],
     batch_size: int,
     samples: torch.Tensor | None = None,
+    params: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-sample gradients of every parameter claimed by a functional unit.
 
@@ -99,16 +191,25 @@ def per_sample_grads(
             (``tree_flatten`` order), ``None`` where the output did not reach the loss.
         batch_size: ``B``, the number of samples in the call.
         samples: Optional indices, shape ``(k,)``: only those samples are computed.
+        params: The parameter values the call ran with, by name relative to the module
+            (default: the module's current parameters).
 
     Returns:
         ``{name relative to the module: (B or k, *param.shape)}``.
     """
     unit, module = call.unit, call.unit.module
     _check_no_randomness(unit.path or "<model>", module)
-    params = {n: p.detach() for n, p in unit.params.items()}
+    source = unit.params if params is None else params
+    params = {n: p.detach() for n, p in source.items()}
     in_leaves, spec = tree_flatten((call.args, call.kwargs))
     B = batch_size
-    in_dims = _input_batch_dims(module, call, in_leaves, B)
+    used_all = [k for k, g in enumerate(grad_outputs) if g is not None]
+    if B == 1:  # the call's whole gradient is sample 0's: no batch axis needed
+        with suspended():
+            one = _whole(module, params, in_leaves, spec, grad_outputs, used_all)
+        k = 1 if samples is None else len(samples)
+        return {n: g.expand(k, *g.shape[1:]).clone() for n, g in one.items()}
+    in_dims = _input_batch_dims(module, params, call, in_leaves, spec, B)
     if all(d is None for d in in_dims):
         raise InvalidLossError(
             f"privgrad: no input of module '{unit.path}' ({type(module).__name__}) has the "
@@ -142,7 +243,7 @@ def per_sample_grads(
                     "per-sample loop (exact, slower).",
                     stacklevel=3,
                 )
-            return _looped(module, unit.params, in_leaves, in_dims, spec, grad_outputs,
+            return _looped(module, params, in_leaves, in_dims, spec, grad_outputs,
                            out_dims, used, B)
 
 
@@ -168,16 +269,32 @@ def _vmapped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, u
     )(params, batched, g_used)
 
 
+def _whole(module, params, in_leaves, spec, grad_outputs, used):  # noqa: ANN001, ANN202
+    """Gradient of the whole call, as the single sample's gradient ``(1, *shape)``."""
+    names = list(params)
+    leaf_params = {n: p.detach().requires_grad_() for n, p in params.items()}
+    args, kwargs = tree_unflatten(in_leaves, spec)
+    with torch.enable_grad():
+        outs = tree_flatten(functional_call(module, leaf_params, args, kwargs))[0]
+        grads = torch.autograd.grad(
+            [outs[k] for k in used], [leaf_params[n] for n in names],
+            [grad_outputs[k] for k in used], allow_unused=True,
+        )
+    return {n: (torch.zeros_like(params[n]) if g is None else g).unsqueeze(0)
+            for n, g in zip(names, grads, strict=True)}
+
+
 def _looped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, used, B):  # noqa: ANN001, ANN202
     names = list(params)
+    leaf_params = {n: p.detach().requires_grad_() for n, p in params.items()}
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for i in range(B):
         args, kwargs = tree_unflatten(_narrow(in_leaves, in_dims, i), spec)
         with torch.enable_grad():
-            outs = tree_flatten(module(*args, **kwargs))[0]
+            outs = tree_flatten(functional_call(module, leaf_params, args, kwargs))[0]
             grads = torch.autograd.grad(
                 [outs[k] for k in used],
-                [params[n] for n in names],
+                [leaf_params[n] for n in names],
                 [grad_outputs[k].narrow(out_dims[k], i, 1) for k in used],
                 allow_unused=True,
             )

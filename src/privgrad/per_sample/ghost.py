@@ -35,11 +35,16 @@ def split(ios: list[LayerIO], names: dict[int, str]) -> tuple[list[LayerIO], lis
 def squared_norms(
     ios: list[LayerIO], names: dict[int, str], strategy: str
 ) -> dict[str, torch.Tensor]:
-    """``{param name: (B,)}`` squared per-sample norms of the ghost calls' parameters."""
+    """``{param name: (B,)}`` squared per-sample norms of the ghost calls' parameters.
+
+    Half-precision inputs are upcast to float32 first: a sum of squares over a whole
+    gradient overflows or loses most of its digits when accumulated in 16 bits.
+    """
     out = {}
     for io in ios:
         unit = io.call.unit
-        for attr, sq in unit.rule.squared_norms(unit.module, io.A, io.G, strategy).items():
+        A, G = _upcast_half(io.A), _upcast_half(io.G)
+        for attr, sq in unit.rule.squared_norms(unit.module, A, G, strategy).items():
             p = unit.params.get(attr)
             if p is not None and p.requires_grad:
                 out[names[id(p)]] = sq
@@ -65,3 +70,7 @@ def clipped_sums(
             if attr in trainable:
                 out[names[id(trainable[attr])]] = s
     return out
+
+
+def _upcast_half(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

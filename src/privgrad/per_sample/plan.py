@@ -5,8 +5,10 @@ A *unit* is a module whose forward calls are recorded. A module with a registere
 parameters directly is a *functional* unit: it claims every trainable parameter of its
 whole subtree, and its per-sample gradients come from re-running its forward with
 ``torch.func`` (so parameters a module uses outside its children's forward, like
-``MultiheadAttention.out_proj``, are never missed). In mode ``"vmap"`` every unit is
-functional.
+``MultiheadAttention.out_proj``, are never missed). A module inside a claimed subtree is
+still a unit of its own: its calls made inside the claiming parent's forward are skipped
+by the capture (the parent's re-run covers them), but a direct call elsewhere in the
+model's forward is recorded. In mode ``"vmap"`` every unit is functional.
 """
 
 from __future__ import annotations
@@ -51,10 +53,7 @@ def plan_units(model: nn.Module, use_rules: bool = True) -> list[Unit]:
         weights) is claimed by each of them; their contributions are summed.
     """
     units: list[Unit] = []
-    claimed_prefixes: list[str] = []
     for path, module in model.named_modules(remove_duplicate=False):
-        if any(path == p or path.startswith(p + ".") for p in claimed_prefixes):
-            continue
         own = _trainable(module, recurse=False)
         if not own:
             continue
@@ -63,9 +62,6 @@ def plan_units(model: nn.Module, use_rules: bool = True) -> list[Unit]:
             units.append(Unit(path, module, rule, own))
         else:
             units.append(Unit(path, module, None, _trainable(module, recurse=True)))
-            if path == "":
-                break
-            claimed_prefixes.append(path)
     return _dedupe(units)
 
 
