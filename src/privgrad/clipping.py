@@ -63,6 +63,27 @@ def automatic_factors(norms: torch.Tensor, max_norm: float, stability: float) ->
     return max_norm / (norms + stability)
 
 
+def adaptive_update(
+    max_norm: float, unclipped_fraction: float, target_quantile: float, learning_rate: float
+) -> float:
+    """One geometric step of adaptive clipping (Andrew et al., 2021).
+
+    ``C ← C · exp(−η (b̃ − γ))`` where ``b̃`` is the (noisy) fraction of samples whose
+    norm was at most ``C``: the threshold grows while fewer than a ``γ`` fraction is
+    unclipped and shrinks otherwise, so it tracks the ``γ``-quantile of the norms.
+
+    Args:
+        max_norm: The current ``C > 0``.
+        unclipped_fraction: ``b̃``, noisy count of unclipped samples / expected batch size.
+        target_quantile: ``γ`` in [0, 1].
+        learning_rate: ``η > 0``.
+
+    Returns:
+        The next threshold.
+    """
+    return max_norm * math.exp(-learning_rate * (unclipped_fraction - target_quantile))
+
+
 def group_norms(
     layer_sq_norms: Mapping[str, torch.Tensor], group_of: Mapping[str, str]
 ) -> dict[str, torch.Tensor]:
@@ -204,4 +225,56 @@ class Automatic:
         return ClipPlan({n: "all" for n in names}, {"all": c}, stability=float(self.stability))
 
 
-ClipRule = Flat | PerLayer | Automatic
+@dataclass(frozen=True)
+class Adaptive:
+    """Flat clipping whose threshold follows a quantile of the norms (Andrew et al., 2021).
+
+    After each logical step the engine releases a noisy count of the samples whose norm was
+    at most the current ``C`` (noise ``N(0, count_noise_multiplier²)``, sensitivity 1) and
+    moves ``C`` geometrically toward the ``target_quantile`` of the per-sample norms (see
+    ``adaptive_update``). The count is a second Gaussian release on the same Poisson
+    sample: the engine records each step as ``shared_sample_step(q, [σ, σ_count])``, so
+    ``engine.epsilon`` includes it.
+
+    Args:
+        target_quantile: ``γ``: the fraction of samples to leave unclipped (0.5: median).
+        initial_max_norm: ``C`` of the first step.
+        learning_rate: ``η`` of the geometric update (0.2 in the paper).
+        count_noise_multiplier: ``σ_b``, std of the noise on the count; the paper uses
+            about ``expected_batch_size / 20``.
+    """
+
+    target_quantile: float = 0.5
+    initial_max_norm: float = 1.0
+    learning_rate: float = 0.2
+    count_noise_multiplier: float = 10.0
+
+    def bind(self, names: Sequence[str], max_norm: float | None = None) -> ClipPlan:
+        """Binds the rule with threshold ``max_norm`` (default ``initial_max_norm``)."""
+        if not 0 <= self.target_quantile <= 1:
+            raise ValueError(
+                f"privgrad: Adaptive(target_quantile={self.target_quantile}) must be in [0, 1]. "
+                "Fix: Adaptive(target_quantile=0.5) tracks the median norm."
+            )
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(
+                f"privgrad: Adaptive(learning_rate={self.learning_rate}) must be > 0. "
+                "Fix: Adaptive(learning_rate=0.2)."
+            )
+        if not (self.count_noise_multiplier > 0 and math.isfinite(self.count_noise_multiplier)):
+            raise ValueError(
+                f"privgrad: Adaptive(count_noise_multiplier={self.count_noise_multiplier}) must "
+                "be > 0: the count of unclipped samples is released, so it needs noise. Fix: "
+                "about expected_batch_size / 20."
+            )
+        c = self.initial_max_norm if max_norm is None else max_norm
+        c = _check_norm(c, "Adaptive initial_max_norm")
+        if not (c > 0 and math.isfinite(c)):
+            raise ValueError(
+                f"privgrad: Adaptive(initial_max_norm={c}) must be positive and finite. "
+                "Fix: Adaptive(initial_max_norm=1.0)."
+            )
+        return ClipPlan({n: "all" for n in names}, {"all": c})
+
+
+ClipRule = Flat | PerLayer | Automatic | Adaptive

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from privgrad import guards, validate
-from privgrad.accounting import PrivacyLedger
+from privgrad.accounting import PrivacyLedger, shared_sample_step
 from privgrad.accounting.validation import check_sample_rate
-from privgrad.clipping import ClipPlan, ClipRule, Flat, group_norms
+from privgrad.clipping import Adaptive, ClipPlan, ClipRule, Flat, adaptive_update
+from privgrad.errors import GradientStateError
 from privgrad.noise import NoiseSource
-from privgrad.per_sample import ghost
 from privgrad.per_sample.batch import (
     check_batch_sizes,
     functional_snapshot,
@@ -28,7 +28,8 @@ from privgrad.per_sample.batch import (
 )
 from privgrad.per_sample.capture import Capture
 from privgrad.per_sample.plan import plan_units
-from privgrad.trace import KEEPABLE, StepTrace, clip, private_gradient
+from privgrad.physical import BatchResult, clip_batch
+from privgrad.trace import KEEPABLE, Segment, StepTrace, private_gradient
 
 MODES = ("auto", "ghost", "materialize", "vmap")
 
@@ -117,14 +118,23 @@ class DPEngine:
             )
         self._capture = Capture(plan_units(model, use_rules=mode != "vmap"))
         self._grads = guards.GradLedger()
+        self._pending: list[tuple[Segment, BatchResult]] = []  # physical batches of this step
 
     @property
     def noise_std(self) -> float:
         """Standard deviation of the noise on the clipped sum: ``σ · sensitivity``."""
         return 0.0 if self.noise_multiplier == 0 else self.noise_multiplier * self.plan.sensitivity
 
+    @property
+    def max_grad_norm(self) -> float:
+        """The current clipping threshold (changes every step under ``Adaptive``)."""
+        return self.plan.sensitivity
+
     def backward(self, losses: torch.Tensor, keep: Iterable[str] | str = ()) -> StepTrace:
         """Computes the private gradient of one step and writes it to ``p.grad``.
+
+        Equivalent to ``accumulate(losses, keep, retain=True)`` followed by ``step()``: if
+        physical batches were accumulated before, they belong to this step too.
 
         Args:
             losses: Per-sample losses, shape ``(B,)`` (``reduction="none"``).
@@ -134,10 +144,38 @@ class DPEngine:
         Returns:
             The step's ``StepTrace`` (NOT PRIVATE except ``private_grad``).
         """
+        self.accumulate(losses, keep, retain=True)
+        return self.step()
+
+    def accumulate(
+        self, losses: torch.Tensor, keep: Iterable[str] | str = (), retain: bool = False
+    ) -> int:
+        """Adds one physical batch to the current logical step (no noise, no ``p.grad``).
+
+        The per-sample gradients are clipped and summed now, so the batch's activations
+        can be freed before the next physical batch; ``step()`` then adds the noise once
+        and records one privacy event for the whole logical step.
+
+        Args:
+            losses: Per-sample losses of this physical batch, shape ``(b,)``.
+            keep: Per-sample gradients of this batch to hold for the step's trace.
+            retain: Also hold the batch's recorded layer inputs and output gradients, so
+                the trace can materialise any of its samples later (costs memory until
+                the trace is dropped).
+
+        Returns:
+            The number of samples accumulated so far in this logical step.
+        """
         keep = _check_keep(keep)
         losses = guards.check_losses(losses)
         trainable = {n: p for n, p in self._params.items() if p.requires_grad}
-        self._grads.check(trainable)
+        if not self._pending:
+            self._grads.check(trainable)
+        elif set(trainable) != set(self._pending[0][1].layer_sq):
+            raise GradientStateError(
+                "privgrad: the set of trainable parameters changed between physical batches "
+                "of one logical step. Fix: freeze or unfreeze parameters between steps only."
+            )
         calls = self._capture.take()
         B = losses.shape[0]
         ios = []
@@ -152,71 +190,84 @@ class DPEngine:
             if not ios:
                 raise guards.not_connected(losses)
             check_batch_sizes(ios, B)
-        materialize_all = self.mode in ("materialize", "vmap") or bool(keep)
-        ghost_ios, dense_ios = ([], ios) if materialize_all else ghost.split(ios, self._names)
-        if B > 0:
-            psg = per_sample_grads(dense_ios, self._names, B)
-        else:
-            psg = {n: p.new_zeros(0, *p.shape) for n, p in trainable.items()}
-        strategy = "measure" if self.mode == "auto" else "cost"
-        layer_sq = ghost.squared_norms(ghost_ios, self._names, strategy)
-        layer_sq |= {n: _sq_norms(g) for n, g in psg.items()}
-        guards.check_complete(trainable, layer_sq)
-        layer_sq = {n: layer_sq[n] for n in trainable}
-        total_sq = sum(layer_sq.values()) if layer_sq else losses.new_zeros(B)
-        guards.check_finite(total_sq, layer_sq)
-        if reference is not None:
-            ones = {n: torch.ones_like(s) for n, s in layer_sq.items()}
-            sums = {n: g.sum(0) for n, g in psg.items()}
-            sums |= ghost.clipped_sums(ghost_ios, self._names, ones)
+        result = clip_batch(ios, self._names, trainable, self.plan, B, self.mode, keep, reference)
+        if reference_one is not None:
+            one = per_sample_grads(ios, self._names, B, torch.zeros(1, dtype=torch.long))
             rtol = 3e-2 if any(io.half for io in ios) else 1e-3
-            scales = {n: s.sqrt().sum() for n, s in layer_sq.items()}
-            guards.self_check(reference, sums, scales, rtol)
-            if reference_one is not None:
-                one = per_sample_grads(ios, self._names, B, torch.zeros(1, dtype=torch.long))
-                guards.check_sample(reference_one, {n: one[n] for n in trainable}, 0, rtol)
+            guards.check_sample(reference_one, {n: one[n] for n in trainable}, 0, rtol)
+        if reference is not None:
             self._verified = True
-        factors = self.plan.factors(group_norms(layer_sq, self.plan.group_of))
-        param_factors = {n: factors[self.plan.group_of[n]] for n in trainable}
-        clipped_sum = ghost.clipped_sums(ghost_ios, self._names, param_factors)
-        clipped_sum |= {
-            n: torch.tensordot(param_factors[n].to(g.dtype), g, dims=1) for n, g in psg.items()
-        }
-        clipped_sum = {n: clipped_sum[n] for n in trainable}
+        offset = sum(seg.size for seg, _ in self._pending)
+        lazy = retain and len(result.kept) < len(KEEPABLE)
+        segment = Segment(offset, B, ios if retain else None, result.kept,
+                          functional_snapshot(ios) if lazy else {})
+        self._pending.append((segment, result))
+        return offset + B
+
+    def step(self) -> StepTrace:
+        """Ends the logical step: adds the noise once and writes ``p.grad``.
+
+        ``p.grad = (sum of the clipped sums of the accumulated physical batches + noise) /
+        expected_batch_size``, one privacy event is recorded (before ``p.grad`` is
+        written), and under ``Adaptive`` clipping the threshold is updated from a noisy
+        count of unclipped samples. With nothing accumulated (an empty Poisson batch) the
+        gradient is pure noise.
+
+        Returns:
+            The ``StepTrace`` of all samples of the logical step (NOT PRIVATE except
+            ``private_grad``).
+        """
+        pending, self._pending = self._pending, []
+        trainable = {n: p for n, p in self._params.items() if p.requires_grad}
+        if not pending:
+            self._grads.check(trainable)
+            empty = clip_batch([], self._names, trainable, self.plan, 0, self.mode)
+            pending = [(Segment(0, 0, [], {}, {}), empty)]
+        results = [r for _, r in pending]
+        clipped_sum = {n: _sum(r.clipped_sum[n] for r in results) for n in trainable}
         noise = self.noise.gaussian(clipped_sum, self.noise_std)
         private = private_gradient(clipped_sum, noise, self.expected_batch_size)
-        self._record_step()  # before p.grad is written: a step is never taken unrecorded
+        norms = torch.cat([r.total_sq for r in results]).sqrt()
+        factors = {g: torch.cat([r.factors[g] for r in results]) for g in results[0].factors}
+        max_norm, noise_std = self.max_grad_norm, self.noise_std
+        self._record_step(norms)  # before p.grad is written: a step is never taken unrecorded
         for n, p in trainable.items():
-            p.grad = private[n]
-            self._grads.record(n, private[n])
-        kept = {}
-        if "pre_clip" in keep:
-            kept["pre_clip"] = psg
-        if "post_clip" in keep:
-            kept["post_clip"] = {n: clip(param_factors[n], g, None) for n, g in psg.items()}
+            p.grad = private[n].to(p.dtype)
+            self._grads.record(n, p.grad)
         return StepTrace(
-            norms=total_sq.sqrt(),
-            layer_norms={n: s.sqrt() for n, s in layer_sq.items()},
+            norms=norms,
+            layer_norms={n: torch.cat([r.layer_sq[n] for r in results]).sqrt() for n in trainable},
             clip_factors=factors[next(iter(factors))] if self.plan.is_flat else factors,
-            param_clip_factors=param_factors,
+            param_clip_factors={n: factors[self.plan.group_of[n]] for n in trainable},
             clipped_sum=clipped_sum,
             noise=noise,
-            noise_std=self.noise_std,
+            noise_std=noise_std,
             expected_batch_size=self.expected_batch_size,
-            batch_size=B,
-            _ios=ios,
+            batch_size=len(norms),
+            max_grad_norm=max_norm,
+            _segments=tuple(seg for seg, _ in pending),
             _names=self._names,
             _shapes={n: p.shape for n, p in trainable.items()},
-            _kept=kept,
-            _snapshot=functional_snapshot(ios) if len(kept) < len(KEEPABLE) else {},
         )
 
-    def _record_step(self) -> None:
+    def _record_step(self, norms: torch.Tensor) -> None:
         self.steps += 1
+        rule = self.clipping
         if self.sample_rate is None:
             self._unaccounted += 1
+        elif isinstance(rule, Adaptive):
+            self.ledger.record_event(shared_sample_step(
+                self.sample_rate, [self.noise_multiplier, rule.count_noise_multiplier]))
         else:
             self.ledger.record(self.noise_multiplier, self.sample_rate)
+        if isinstance(rule, Adaptive):
+            unclipped = float((norms <= self.max_grad_norm).sum())
+            count = unclipped + float(self.noise.gaussian(
+                {"count": torch.zeros((), dtype=torch.float64)}, rule.count_noise_multiplier
+            )["count"])
+            new = adaptive_update(self.max_grad_norm, count / self.expected_batch_size,
+                                  rule.target_quantile, rule.learning_rate)
+            self.plan = rule.bind(list(self._params), new)
 
     def epsilon(self, delta: float, accountant: str = "pld") -> float:
         """Privacy spent so far: ε at ``delta`` for every step recorded in the ledger.
@@ -241,7 +292,7 @@ class DPEngine:
         return self.ledger.epsilon(delta, accountant)
 
     def state_dict(self) -> dict:
-        """The engine's state: step count, privacy ledger and noise generator state."""
+        """The engine's state: steps, privacy ledger, noise generator, clip threshold."""
         return {
             "steps": self.steps,
             "unaccounted": self._unaccounted,
@@ -249,6 +300,7 @@ class DPEngine:
             "sample_rate": self.sample_rate,
             "ledger": self.ledger.state_dict(),
             "noise": self.noise.state_dict(),
+            "max_grad_norm": self.max_grad_norm,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -259,6 +311,8 @@ class DPEngine:
         self.sample_rate = state["sample_rate"]
         self.ledger.load_state_dict(state["ledger"])
         self.noise.load_state_dict(state["noise"])
+        if isinstance(self.clipping, Adaptive) and "max_grad_norm" in state:
+            self.plan = self.clipping.bind(list(self._params), state["max_grad_norm"])
 
     def close(self) -> None:
         """Removes privgrad's hooks from the model."""
@@ -276,11 +330,12 @@ def _autograd(loss: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, 
     return dict(zip(params, grads, strict=True))
 
 
-def _sq_norms(g: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared norms of ``(B, ...)``; half precision accumulates in float32."""
-    if g.dtype in (torch.float16, torch.bfloat16):
-        g = g.float()
-    return g.flatten(1).square().sum(1)
+def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    it = iter(tensors)
+    total = next(it).clone()
+    for t in it:
+        total += t
+    return total
 
 
 def _check_sigma(sigma: float) -> float:

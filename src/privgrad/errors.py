@@ -29,3 +29,7 @@ class GradientStateError(PrivgradError, RuntimeError):
 
 class MissingGradientError(PrivgradError, RuntimeError):
     """A trainable parameter received no per-sample gradient, or only part of it."""
+
+
+class TraceReleasedError(PrivgradError, RuntimeError):
+    """A per-sample quantity was asked of a trace whose inputs were released."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from privgrad.errors import TraceReleasedError
 from privgrad.per_sample.batch import LayerIO, per_sample_grads
 
 KEEPABLE = ("pre_clip", "post_clip")
@@ -40,10 +41,31 @@ def _broadcast(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True, eq=False)
+class Segment:
+    """The samples of one physical batch within a logical step.
+
+    Attributes:
+        offset: Index of the segment's first sample in the logical step.
+        size: Number of samples.
+        ios: Recorded layer inputs and output gradients, or ``None`` once released.
+        kept: Materialised per-sample gradients (``keep=``), ``{kind: {name: (size, ...)}}``.
+        snapshot: Parameter values of functional units at the step (``id -> tensor``).
+    """
+
+    offset: int
+    size: int
+    ios: list[LayerIO] | None
+    kept: dict[str, dict[str, torch.Tensor]]
+    snapshot: dict[int, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
 class StepTrace:
     """Every stage of one DP-SGD step's per-sample pipeline.
 
     NOT PRIVATE: all fields except ``private_grad`` are derived from individual samples.
+    A logical step made of several physical batches (``engine.accumulate``) has one trace
+    covering all of its samples, in the order they were accumulated.
 
     Attributes:
         norms: ``(B,)`` total L2 norm of each sample's gradient before clipping (over all
@@ -57,6 +79,8 @@ class StepTrace:
         noise_std: Standard deviation of ``noise`` (``σ · sensitivity``).
         expected_batch_size: The normaliser of the private gradient.
         batch_size: ``B``, the number of samples in this step.
+        max_grad_norm: The clipping threshold of the step (flat and adaptive clipping;
+            the total sensitivity for per-layer clipping).
     """
 
     norms: torch.Tensor
@@ -68,11 +92,10 @@ class StepTrace:
     noise_std: float
     expected_batch_size: float
     batch_size: int
-    _ios: list[LayerIO] = field(repr=False)
+    max_grad_norm: float
+    _segments: tuple[Segment, ...] = field(repr=False)
     _names: dict[int, str] = field(repr=False)
     _shapes: dict[str, torch.Size] = field(repr=False)
-    _kept: dict[str, dict[str, torch.Tensor]] = field(repr=False)
-    _snapshot: dict[int, torch.Tensor] = field(repr=False, default_factory=dict)
 
     @property
     def private_grad(self) -> dict[str, torch.Tensor]:
@@ -85,11 +108,12 @@ class StepTrace:
     @property
     def kept(self) -> tuple[str, ...]:
         """Which per-sample gradients are held in memory (``keep=`` of the step)."""
-        return tuple(self._kept)
+        kinds = [set(s.kept) for s in self._segments]
+        return tuple(k for k in KEEPABLE if kinds and all(k in ks for ks in kinds))
 
-    def _indices(self, samples: Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
+    def _indices(self, samples: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
         if samples is None:
-            return None
+            return torch.arange(self.batch_size)
         idx = torch.as_tensor(samples, dtype=torch.long).reshape(-1)
         bad = idx[(idx < -self.batch_size) | (idx >= self.batch_size)]
         if bad.numel():
@@ -114,29 +138,50 @@ class StepTrace:
         Args:
             clipped: ``False`` for the raw gradients, ``True`` for
                 ``param_clip_factors[name][:, None] * raw``.
-            samples: Indices into the batch; ``None`` for all ``B`` samples.
+            samples: Indices into the step's samples; ``None`` for all ``B`` samples.
 
         Returns:
             ``{param name: (B or len(samples), *p.shape)}``.
+
+        Raises:
+            TraceReleasedError: If a requested sample's physical batch was accumulated
+                without ``retain=True`` and its gradients were not kept.
         """
         idx = self._indices(samples)
         kind = "post_clip" if clipped else "pre_clip"
-        if kind in self._kept:
-            full = self._kept[kind]
-            return full if idx is None else {n: g.index_select(0, idx) for n, g in full.items()}
-        if "pre_clip" in self._kept:
-            raw = self._kept["pre_clip"]
-            raw = raw if idx is None else {n: g.index_select(0, idx) for n, g in raw.items()}
-        else:
-            raw = per_sample_grads(self._ios, self._names, self.batch_size, idx, self._snapshot)
-            k = self.batch_size if idx is None else len(idx)
-            for n, shape in self._shapes.items():  # empty batch
-                if n not in raw:
-                    raw[n] = torch.zeros(k, *shape, dtype=self.norms.dtype)
-            raw = {n: raw[n] for n in self._shapes}
-        if not clipped:
-            return raw
-        return {n: clip(self.param_clip_factors[n], g, idx) for n, g in raw.items()}
+        dtype = self.norms.dtype
+        out = {n: torch.zeros(len(idx), *s, dtype=dtype) for n, s in self._shapes.items()}
+        for seg in self._segments:
+            pos = ((idx >= seg.offset) & (idx < seg.offset + seg.size)).nonzero().flatten()
+            if len(pos) == 0:
+                continue
+            local = idx[pos] - seg.offset
+            part, done = self._segment_grads(seg, kind, local)
+            if clipped and not done:
+                part = {n: clip(self.param_clip_factors[n], g, idx[pos]) for n, g in part.items()}
+            for n, g in part.items():
+                out[n] = out[n].to(g.dtype)
+                out[n][pos] = g
+        return out
+
+    def _segment_grads(
+        self, seg: Segment, kind: str, local: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], bool]:
+        """Raw or clipped grads of some samples of one segment (``done``: already clipped)."""
+        for k in (kind, "pre_clip"):
+            if k in seg.kept:
+                part = {n: g.index_select(0, local) for n, g in seg.kept[k].items()}
+                return part, k != "pre_clip"
+        if seg.ios is None:
+            raise TraceReleasedError(
+                f"privgrad: samples {(local + seg.offset).tolist()[:5]} of this step came from a "
+                "physical batch accumulated without retain=True, whose layer inputs were "
+                "released to bound memory. Fix: engine.accumulate(losses, retain=True) to "
+                "materialise any sample later, or keep=('pre_clip',) to hold its per-sample "
+                "gradients."
+            )
+        raw = per_sample_grads(seg.ios, self._names, seg.size, local, seg.snapshot)
+        return {n: raw[n] for n in self._shapes if n in raw}, False
 
 
 def clip(factors: torch.Tensor, grads: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
