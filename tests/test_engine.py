@@ -151,6 +151,8 @@ def test_per_layer_clipping():
         assert bool((post_norm <= C * (1 + 1e-12)).all())
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, post[n].sum(0) / 7)
+    total = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in post.values()))
+    torch.testing.assert_close(trace.clipped_norms, total)
 
 
 def test_per_layer_single_threshold_and_bad_keys():
@@ -173,6 +175,7 @@ def test_automatic_clipping():
     post = trace.per_sample_grads(clipped=True)
     post_norm = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in post.values()))
     assert bool((post_norm < 0.7).all())
+    torch.testing.assert_close(trace.clipped_norms, post_norm)
 
 
 @pytest.mark.parametrize("mode", ["auto", "vmap"])

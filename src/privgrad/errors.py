@@ -33,3 +33,7 @@ class MissingGradientError(PrivgradError, RuntimeError):
 
 class TraceReleasedError(PrivgradError, RuntimeError):
     """A per-sample quantity was asked of a trace whose inputs were released."""
+
+
+class CheckpointError(PrivgradError, RuntimeError):
+    """A checkpoint is missing, truncated or corrupted; the privacy ledger is never reset."""

@@ -106,6 +106,18 @@ class StepTrace:
         return private_gradient(self.clipped_sum, self.noise, self.expected_batch_size)
 
     @property
+    def clipped_norms(self) -> torch.Tensor:
+        """``(B,)`` L2 norm of each sample's gradient after clipping. NOT PRIVATE.
+
+        ``sqrt(sum_p (param_clip_factors[p] · layer_norms[p])²)``: ``clip_factors · norms``
+        for flat clipping, and at most ``max_grad_norm`` under every rule.
+        """
+        total = torch.zeros_like(self.norms)
+        for n, ln in self.layer_norms.items():
+            total = total + (self.param_clip_factors[n].to(ln.dtype) * ln) ** 2
+        return total.sqrt()
+
+    @property
     def kept(self) -> tuple[str, ...]:
         """Which per-sample gradients are held in memory (``keep=`` of the step)."""
         kinds = [set(s.kept) for s in self._segments]

@@ -1,4 +1,4 @@
-"""The ``privgrad`` command: ``privgrad epsilon`` and ``privgrad calibrate``."""
+"""The ``privgrad`` command: ``train``, ``epsilon`` and ``calibrate``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from privgrad.cli import accounting
+from privgrad.cli import accounting, train
+from privgrad.errors import PrivgradError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="privgrad", description="Transparent, exact and fast DP-SGD for PyTorch."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    train.add_command(sub)
     accounting.add_commands(sub)
     return parser
 
@@ -25,6 +27,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as e:
+    except (ValueError, PrivgradError) as e:
         print(f"privgrad {args.command}: error: {e}", file=sys.stderr)
         return 2

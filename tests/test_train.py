@@ -1,0 +1,154 @@
+"""``privgrad train``: outputs, privacy bookkeeping, interrupt/resume, and input errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import privgrad as pg
+from privgrad.cli import checkpoint, main, train
+from privgrad.errors import CheckpointError
+from test_report import _check_png
+
+FAST = ["--seed", "0", "--batch-size", "480", "--epochs", "2"]  # 3 steps per epoch
+
+
+def _run(tmp_path: Path, *args: str, name: str = "run") -> tuple[Path, dict]:
+    out = tmp_path / name
+    assert main(["train", *FAST, *args, "--out", str(out)]) == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def test_outputs_and_privacy_bookkeeping(tmp_path: Path) -> None:
+    out, summary = _run(tmp_path)
+    q = 480 / 1437
+    assert summary["sample_rate"] == pytest.approx(q)
+    assert summary["steps"] == 2 * round(1 / q) == 6
+    # σ is calibrated: the ledger's ε is the budget, and ε of (σ, q, steps) is the same
+    want = pg.accounting.epsilon(summary["noise_multiplier"], q, 6, delta=1e-5)
+    assert summary["epsilon"] == pytest.approx(want, rel=1e-6)
+    assert 0.99 * 3.0 <= summary["epsilon"] <= 3.0
+    assert 0.3 < summary["test_accuracy"] <= 1.0  # far above chance (0.1) after 6 steps
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["epsilon"] == pytest.approx(summary["epsilon"])
+    assert all(rows[i]["epsilon"] < rows[i + 1]["epsilon"] for i in range(5))
+    for r in rows:
+        assert 0.0 <= r["fraction_clipped"] <= 1.0
+        assert r["norms_post"]["q95"] <= 1.0 + 1e-6  # C = 1
+        assert r["norms_pre"]["q05"] <= r["norms_pre"]["q50"] <= r["norms_pre"]["q95"]
+    html = (out / "report.html").read_text()
+    payloads = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
+    assert len(payloads) >= 5
+    for payload in payloads:
+        _check_png(base64.b64decode(payload, validate=True))
+    state = checkpoint.load(out / "checkpoint.pt")
+    assert state["engine"]["steps"] == 6 and len(state["history"]["epochs"]) == 2
+
+
+def test_clipping_rules_run_and_adaptive_spends_its_count(tmp_path: Path) -> None:
+    _, flat = _run(tmp_path, name="flat")
+    _, adaptive = _run(tmp_path, "--clipping", "adaptive", name="adaptive")
+    # same budget: the gradient gets less noise than the effective σ, the count the rest
+    assert adaptive["epsilon"] == pytest.approx(flat["epsilon"], rel=1e-2)
+    sigma, sigma_b = adaptive["noise_multiplier"], 10.0
+    assert (sigma**-2 + sigma_b**-2) ** -0.5 == pytest.approx(flat["noise_multiplier"], rel=1e-9)
+    assert adaptive["max_grad_norm"] != 1.0
+    for rule in ("per-layer", "automatic"):
+        _, s = _run(tmp_path, "--clipping", rule, "--mode", "materialize", name=rule)
+        assert s["clipping"] == rule and s["epsilon"] <= 3.0
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    real = train._logical_step
+    calls = {"n": 0}
+
+    def step(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == steps:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, handled between steps
+        return out
+
+    monkeypatch.setattr(train, "_logical_step", step)
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    through, summary = _run(tmp_path, "--clipping", "adaptive", name="through")
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 4)  # mid-way through the second epoch
+        assert main(["train", *FAST, "--clipping", "adaptive", "--out", str(out)]) == 130
+    assert checkpoint.load(out / "checkpoint.pt")["engine"]["steps"] == 4
+    assert not (out / "summary.json").exists()
+    assert main(["train", "--resume", str(out)]) == 0
+    a, b = checkpoint.load(through / "checkpoint.pt"), checkpoint.load(out / "checkpoint.pt")
+    assert a["engine"]["ledger"] == b["engine"]["ledger"]
+    assert a["engine"]["max_grad_norm"] == b["engine"]["max_grad_norm"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["epsilon"] == summary["epsilon"]
+    assert resumed["test_accuracy"] == summary["test_accuracy"]
+    assert (out / "metrics.jsonl").read_text() == (through / "metrics.jsonl").read_text()
+
+
+def test_corrupted_checkpoint_is_an_error_not_a_fresh_start(tmp_path: Path, capsys) -> None:
+    out, _ = _run(tmp_path)
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    assert main(["train", "--resume", str(out)]) == 2
+    assert "truncated or corrupted" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        checkpoint.load(tmp_path / "nowhere" / "checkpoint.pt")
+
+
+def test_user_data_files(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    X = rng.normal(size=(300, 5)) + y[:, None]  # separable enough
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    _, s = _run(tmp_path, "--data", str(tmp_path / "d.npz"), "--batch-size", "100", name="npz")
+    assert s["model"] == "mlp" and s["train_samples"] == 240 and s["test_accuracy"] > 0.5
+    table = np.column_stack([X[:, :2], y, X[:, 2:]])
+    np.savetxt(tmp_path / "d.csv", table, delimiter=",", header="a,b,label,c,d,e", comments="")
+    _, s = _run(tmp_path, "--data", str(tmp_path / "d.csv"), "--batch-size", "100", name="csv")
+    assert s["train_samples"] == 240 and s["test_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--epsilon", "0"], "--epsilon must be > 0"),
+    (["--epsilon", "-1"], "--epsilon must be > 0"),
+    (["--delta", "1"], "--delta must be in"),
+    (["--data", "missing.npz"], "no such file"),
+    (["--data", "{nolabel}"], "no label column"),
+    (["--data", "{noy}"], "needs arrays 'X'"),
+    (["--model", "cnn", "--data", "{flat}"], "needs image inputs"),
+    (["--batch-size", "5000"], "exceeds the 1437 training samples"),
+])
+def test_bad_options_are_explained(tmp_path: Path, capsys, args, match) -> None:
+    (tmp_path / "nolabel.csv").write_text("a,b\n1,2\n3,4\n")
+    np.savez(tmp_path / "noy.npz", X=np.zeros((4, 2)))
+    np.savez(tmp_path / "flat.npz", X=np.zeros((20, 3)), y=np.arange(20) % 2)
+    args = [a.format(nolabel=tmp_path / "nolabel.csv", noy=tmp_path / "noy.npz",
+                     flat=tmp_path / "flat.npz") for a in args]
+    assert main(["train", *args, "--out", str(tmp_path / "o")]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_unknown_clipping_and_resume_with_options_are_refused(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--clipping", "median"])
+    assert "invalid choice: 'median'" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path), "--epsilon", "8"]) == 2
+    assert "drop ['epsilon']" in capsys.readouterr().err
