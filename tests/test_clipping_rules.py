@@ -26,7 +26,7 @@ def test_automatic_is_exact_in_every_mode(mode):
     x, y = data()
     want = oracle(model, x, y)  # before the engine exists: no hooks on the model yet
     norms = total_norms(want)
-    C, gamma, ebs = 0.5 * float(norms.median()), 0.05, 10  # ebs != B: normalise by ebs
+    C, gamma, ebs = float(norms.median()), 0.05, 10  # ebs != B: normalise by ebs
     rule = pg.clipping.Automatic(max_norm=C, stability=gamma)
     with pg.DPEngine(model, 0.0, clipping=rule, expected_batch_size=ebs, mode=mode) as engine:
         trace = engine.backward(losses_of(model, x, y))
@@ -55,10 +55,6 @@ def test_automatic_noise_is_sigma_c():
     assert abs(float(noise.std()) / (sigma * C) - 1) < 0.03
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Automatic(max_norm=inf) passes _check_norm (clipping.py, Automatic.bind) and with "
-    "noise_multiplier=0 every factor C/(norm+γ) is inf, so p.grad is silently inf/NaN; "
-    "flat clipping documents C=inf as 'no clipping', which Automatic cannot express"))
 def test_automatic_with_infinite_max_norm_is_refused_or_finite():
     model = nn.Linear(3, 2).double()
     try:
@@ -74,7 +70,7 @@ def test_automatic_with_infinite_max_norm_is_refused_or_finite():
 # ---------------------------------------------------------------- Adaptive
 
 
-def adaptive_run(target, start, steps=200, B=500, seed=0):
+def adaptive_run(target, start, steps=150, B=500, seed=0):
     """Thresholds of an Adaptive run on norms |x| with x ~ Exp(1) (fresh draw every step)."""
     model = nn.Linear(1, 1, bias=False).double()  # loss = w·x: the per-sample grad is x
     rule = pg.clipping.Adaptive(target_quantile=target, initial_max_norm=start,
@@ -97,7 +93,7 @@ def test_adaptive_converges_to_the_target_quantile(target, start):
     quantile = -math.log(1 - target)  # of Exp(1): ln 2 for the median, ln 10 for 0.9
     history = adaptive_run(target, start)
     settled = sum(history[-50:]) / 50
-    assert settled == pytest.approx(quantile, rel=0.10)
+    assert settled == pytest.approx(quantile, rel=0.05)
     assert min(history) > 0.5 * min(start, quantile)  # never collapses toward 0
     assert max(history) < 2 * max(start, quantile)  # nor runs away
 
@@ -209,45 +205,26 @@ def test_adaptive_state_dict_round_trip():
 # ---------------------------------------------------------------- bad arguments
 
 BAD_RULES = [
-    (pg.clipping.Automatic(1.0, stability=0.0), "stability"),
-    (pg.clipping.Automatic(1.0, stability=-0.1), "stability"),
-    (pg.clipping.Automatic(-1.0), "max_norm"),
-    (pg.clipping.Adaptive(target_quantile=-0.1), "target_quantile"),
-    (pg.clipping.Adaptive(target_quantile=1.5), "target_quantile"),
-    (pg.clipping.Adaptive(target_quantile=math.nan), "target_quantile"),
-    (pg.clipping.Adaptive(learning_rate=0.0), "learning_rate"),
-    (pg.clipping.Adaptive(learning_rate=-0.2), "learning_rate"),
-    (pg.clipping.Adaptive(count_noise_multiplier=-1.0), "count_noise_multiplier"),
-    (pg.clipping.Adaptive(count_noise_multiplier=0.0), "count_noise_multiplier"),
-    (pg.clipping.Adaptive(initial_max_norm=0.0), "initial_max_norm"),
-    (pg.clipping.Adaptive(initial_max_norm=-1.0), "initial_max_norm"),
-    (pg.clipping.Adaptive(initial_max_norm=math.inf), "initial_max_norm"),
-]
-
-
-BAD_IDS = [f"{type(r).__name__}-{n}-{i}" for i, (r, n) in enumerate(BAD_RULES)]
-
-
-@pytest.mark.parametrize(("rule", "name"), BAD_RULES, ids=BAD_IDS)
-def test_bad_rule_arguments_are_refused_by_the_engine(rule, name):
-    with pytest.raises(ValueError, match=name) as info:
-        pg.DPEngine(nn.Linear(3, 2), 1.0, clipping=rule, expected_batch_size=4)
-    assert "Fix:" in str(info.value)
-
-
-CONSTRUCTORS = [
     (lambda: pg.clipping.Automatic(1.0, stability=0.0), "stability"),
+    (lambda: pg.clipping.Automatic(1.0, stability=-0.1), "stability"),
+    (lambda: pg.clipping.Automatic(-1.0), "max_norm"),
+    (lambda: pg.clipping.Automatic(math.inf), "max_norm"),
+    (lambda: pg.clipping.Adaptive(target_quantile=-0.1), "target_quantile"),
     (lambda: pg.clipping.Adaptive(target_quantile=1.5), "target_quantile"),
+    (lambda: pg.clipping.Adaptive(target_quantile=math.nan), "target_quantile"),
+    (lambda: pg.clipping.Adaptive(learning_rate=0.0), "learning_rate"),
     (lambda: pg.clipping.Adaptive(learning_rate=-0.2), "learning_rate"),
     (lambda: pg.clipping.Adaptive(count_noise_multiplier=-1.0), "count_noise_multiplier"),
+    (lambda: pg.clipping.Adaptive(count_noise_multiplier=0.0), "count_noise_multiplier"),
     (lambda: pg.clipping.Adaptive(initial_max_norm=0.0), "initial_max_norm"),
+    (lambda: pg.clipping.Adaptive(initial_max_norm=-1.0), "initial_max_norm"),
+    (lambda: pg.clipping.Adaptive(initial_max_norm=math.inf), "initial_max_norm"),
 ]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Automatic and Adaptive (clipping.py) are plain frozen dataclasses that validate only "
-    "in bind(), i.e. when a DPEngine is built, not when the rule is constructed"))
-@pytest.mark.parametrize(("build", "name"), CONSTRUCTORS, ids=[n for _, n in CONSTRUCTORS])
+@pytest.mark.parametrize(("build", "name"), BAD_RULES, ids=[f"{n}-{i}" for i, (_, n) in
+                                                           enumerate(BAD_RULES)])
 def test_bad_rule_arguments_are_refused_at_construction(build, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=name) as info:
         build()
+    assert "Fix:" in str(info.value)

@@ -214,14 +214,22 @@ class Automatic:
     max_norm: float
     stability: float = 0.01
 
-    def bind(self, names: Sequence[str]) -> ClipPlan:
-        """Binds the rule to the trainable parameter names."""
+    def __post_init__(self) -> None:
         c = _check_norm(self.max_norm, "Automatic max_norm")
-        if not self.stability > 0:
+        if not math.isfinite(c):
+            raise ValueError(
+                "privgrad: Automatic(max_norm=inf) would scale every gradient by infinity. "
+                "Fix: a finite max_norm such as 1.0 (it is the sensitivity)."
+            )
+        if not (self.stability > 0 and math.isfinite(self.stability)):
             raise ValueError(
                 f"privgrad: Automatic(stability={self.stability}) must be > 0, or a zero-norm "
                 "sample would get an infinite factor. Fix: Automatic(max_norm, stability=0.01)."
             )
+
+    def bind(self, names: Sequence[str]) -> ClipPlan:
+        """Binds the rule to the trainable parameter names."""
+        c = float(self.max_norm)
         return ClipPlan({n: "all" for n in names}, {"all": c}, stability=float(self.stability))
 
 
@@ -249,8 +257,7 @@ class Adaptive:
     learning_rate: float = 0.2
     count_noise_multiplier: float = 10.0
 
-    def bind(self, names: Sequence[str], max_norm: float | None = None) -> ClipPlan:
-        """Binds the rule with threshold ``max_norm`` (default ``initial_max_norm``)."""
+    def __post_init__(self) -> None:
         if not 0 <= self.target_quantile <= 1:
             raise ValueError(
                 f"privgrad: Adaptive(target_quantile={self.target_quantile}) must be in [0, 1]. "
@@ -267,14 +274,22 @@ class Adaptive:
                 "be > 0: the count of unclipped samples is released, so it needs noise. Fix: "
                 "about expected_batch_size / 20."
             )
-        c = self.initial_max_norm if max_norm is None else max_norm
-        c = _check_norm(c, "Adaptive initial_max_norm")
-        if not (c > 0 and math.isfinite(c)):
-            raise ValueError(
-                f"privgrad: Adaptive(initial_max_norm={c}) must be positive and finite. "
-                "Fix: Adaptive(initial_max_norm=1.0)."
-            )
+        _positive_norm(self.initial_max_norm)
+
+    def bind(self, names: Sequence[str], max_norm: float | None = None) -> ClipPlan:
+        """Binds the rule with threshold ``max_norm`` (default ``initial_max_norm``)."""
+        c = _positive_norm(self.initial_max_norm if max_norm is None else max_norm)
         return ClipPlan({n: "all" for n in names}, {"all": c})
+
+
+def _positive_norm(c: float) -> float:
+    c = _check_norm(c, "Adaptive initial_max_norm")
+    if not (c > 0 and math.isfinite(c)):
+        raise ValueError(
+            f"privgrad: Adaptive(initial_max_norm={c}) must be positive and finite. "
+            "Fix: Adaptive(initial_max_norm=1.0)."
+        )
+    return c
 
 
 ClipRule = Flat | PerLayer | Automatic | Adaptive

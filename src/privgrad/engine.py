@@ -219,6 +219,13 @@ class DPEngine:
         """
         pending, self._pending = self._pending, []
         trainable = {n: p for n, p in self._params.items() if p.requires_grad}
+        if pending and set(trainable) != set(pending[0][1].layer_sq):
+            raise GradientStateError(
+                "privgrad: the set of trainable parameters changed between accumulate() and "
+                "step(); the accumulated physical batches were clipped with the old set, so "
+                "they are discarded and no step is taken. Fix: freeze or unfreeze parameters "
+                "between logical steps only, then accumulate again."
+            )
         if not pending:
             self._grads.check(trainable)
             empty = clip_batch([], self._names, trainable, self.plan, 0, self.mode)
