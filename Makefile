@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/privgrad train --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

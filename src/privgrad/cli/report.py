@@ -77,13 +77,26 @@ def _use_log(values: Sequence[float]) -> bool:
     return bool(pos) and max(pos) / min(pos) > 100.0
 
 
-def _hist_panel(ax: Axes, values: Sequence[float], clip: float, log: bool, title: str) -> None:
+def _bins(values: Sequence[float], clip: float, log: bool) -> list[float]:
+    """30 bins spanning the values and the threshold, shared by a row's two panels."""
+    vals = [float(v) for v in values if math.isfinite(v)] + [clip]
+    if log:
+        lo = min([v for v in vals if v > 0] or [clip])
+        hi = max(max(vals), clip) * 1.0001
+        return [lo * (hi / lo) ** (i / 30) for i in range(31)]
+    hi = max(vals) * 1.0001 or 1.0
+    return [hi * i / 30 for i in range(31)]
+
+
+def _hist_panel(ax: Axes, values: Sequence[float], clip: float, bins: Sequence[float],
+                log: bool, title: str) -> None:
     """Draws one histogram of per-sample norms with the clipping threshold marked.
 
     Args:
         ax: Target axes.
         values: Per-sample gradient norms.
         clip: Clipping threshold drawn as a vertical line.
+        bins: Bin edges (the same for the before and after panels of a snapshot).
         log: Whether to use a logarithmic x axis.
         title: Panel title.
     """
@@ -95,29 +108,25 @@ def _hist_panel(ax: Axes, values: Sequence[float], clip: float, log: bool, title
         ax.set_yticks([])
         return
     if log:
-        lo = min([v for v in vals if v > 0] or [clip])
-        vals = [max(v, lo) for v in vals]
-        hi = max(max(vals), clip) * 1.0001
-        bins = [lo * (hi / lo) ** (i / 30) for i in range(31)]
+        vals = [min(max(v, bins[0]), bins[-1]) for v in vals]
         ax.set_xscale("log")
-    else:
-        bins = 30
-    ax.hist(vals, bins=bins, color="tab:blue", alpha=0.8)
+    ax.hist(vals, bins=list(bins), color="tab:blue", alpha=0.8)
     ax.axvline(clip, color="tab:red", linestyle="--", label=f"C = {clip:.3g}")
     ax.legend(fontsize=8)
     ax.set_xlabel("per-sample gradient norm", fontsize=8)
 
 
 def _histograms_figure(histograms: Sequence[Mapping[str, Any]]) -> Figure:
-    """Builds one row of pre/post-clipping histograms per snapshot."""
+    """Builds one row of pre/post-clipping histograms per snapshot, on shared bins."""
     fig = _new_figure(9, 2.4 * len(histograms))
     axes = fig.subplots(len(histograms), 2, squeeze=False)
     for row, snap in zip(axes, histograms, strict=True):
         pre, post = list(snap.get("pre", [])), list(snap.get("post", []))
         clip, step = float(snap["max_grad_norm"]), snap["step"]
         log = _use_log(pre + post + [clip])
-        _hist_panel(row[0], pre, clip, log, f"step {step}: before clipping (n={len(pre)})")
-        _hist_panel(row[1], post, clip, log, f"step {step}: after clipping (n={len(post)})")
+        bins = _bins(pre + post, clip, log)
+        _hist_panel(row[0], pre, clip, bins, log, f"step {step}: before clipping (n={len(pre)})")
+        _hist_panel(row[1], post, clip, bins, log, f"step {step}: after clipping (n={len(post)})")
     return fig
 
 

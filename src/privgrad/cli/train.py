@@ -42,11 +42,11 @@ class Config:
 
     epsilon: float = 3.0
     delta: float = 1e-5
-    epochs: int = 20
-    batch_size: int = 256
+    epochs: int = 40
+    batch_size: int = 512
     max_physical_batch_size: int | None = None
     max_grad_norm: float = 1.0
-    lr: float = 2.0
+    lr: float = 0.06
     momentum: float = 0.9
     clipping: str = "flat"
     mode: str = "auto"
