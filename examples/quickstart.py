@@ -2,8 +2,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import privgrad as pg
+from privgrad.data import PoissonLoader
 
 torch.manual_seed(0)
 torch.set_flush_denormal(True)  # CPU speed: subnormal floats (e.g. tiny softmax tails) become 0
@@ -12,17 +14,22 @@ X, y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
 X_train, y_train, X_test, y_test = X[:1500], y[:1500], X[1500:], y[1500:]
 
 model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
-q = 0.1  # each sample joins each batch independently with probability q (Poisson sampling)
+# Poisson sampling: every sample joins each logical batch independently with probability q;
+# each logical batch (~150 samples) is handed out in physical batches of at most 64.
+loader = PoissonLoader(TensorDataset(X_train, y_train), sample_rate=0.1,
+                       max_physical_batch_size=64, seed=0)
 engine = pg.DPEngine(model, noise_multiplier=1.5, max_grad_norm=1.0,
-                     expected_batch_size=q * len(X_train), sample_rate=q, seed=0)
+                     expected_batch_size=loader.expected_batch_size,
+                     sample_rate=loader.sample_rate, seed=0)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
 
-for _ in range(300):
-    batch = (torch.rand(len(X_train)) < q).nonzero().squeeze(1)
-    losses = F.cross_entropy(model(X_train[batch]), y_train[batch], reduction="none")
-    trace = engine.backward(losses)  # writes the private gradient to p.grad
-    optimizer.step()
-    optimizer.zero_grad()
+for epoch in range(30):  # one epoch is 1/q = 10 logical steps
+    for batch in loader:
+        for x, t in batch:  # clip and sum each physical batch (none if the batch is empty)
+            engine.accumulate(F.cross_entropy(model(x), t, reduction="none"), retain=True)
+        trace = engine.step()  # noise once, one privacy event, the private gradient in p.grad
+        optimizer.step()
+        optimizer.zero_grad()
 
 # What happened to three samples of the last step (NOT private: for inspection only).
 clipped = trace.per_sample_grads(clipped=True, samples=[0, 1, 2])

@@ -47,3 +47,15 @@ def test_readme_accounting_snippets_run(capsys):
         assert main(shlex.split(cmd)[1:]) == 0
     out = capsys.readouterr().out.split()
     assert len(out) == 2 and float(out[0]) > 0 and float(out[1]) > 0
+
+
+def test_readme_train_options_exist():
+    from privgrad.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Training from the command line", 1)[1].split("\n## ", 1)[0]
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    known = {s for a in train._actions for s in a.option_strings}
+    mentioned = set(re.findall(r"--[a-z][a-z-]+", section))
+    assert len(mentioned) >= 15 and mentioned <= known, mentioned - known
+    assert "make demo" in section and (ROOT / "Makefile").read_text().count("privgrad train") == 1
