@@ -118,11 +118,12 @@ def test_user_data_files(tmp_path: Path) -> None:
     y = rng.integers(0, 3, 300)
     X = rng.normal(size=(300, 5)) + y[:, None]  # separable enough
     np.savez(tmp_path / "d.npz", X=X, y=y)
-    _, s = _run(tmp_path, "--data", str(tmp_path / "d.npz"), "--batch-size", "100", name="npz")
+    learn = ["--batch-size", "100", "--epochs", "8", "--lr", "0.5"]
+    _, s = _run(tmp_path, "--data", str(tmp_path / "d.npz"), *learn, name="npz")
     assert s["model"] == "mlp" and s["train_samples"] == 240 and s["test_accuracy"] > 0.5
     table = np.column_stack([X[:, :2], y, X[:, 2:]])
     np.savetxt(tmp_path / "d.csv", table, delimiter=",", header="a,b,label,c,d,e", comments="")
-    _, s = _run(tmp_path, "--data", str(tmp_path / "d.csv"), "--batch-size", "100", name="csv")
+    _, s = _run(tmp_path, "--data", str(tmp_path / "d.csv"), *learn, name="csv")
     assert s["train_samples"] == 240 and s["test_accuracy"] > 0.5
 
 
