@@ -127,3 +127,30 @@ def test_resume_on_other_data_is_refused() -> None:
     state = PoissonSampler(100, 0.1, seed=0).state_dict()
     with pytest.raises(ValueError, match="num_samples"):
         PoissonSampler(99, 0.1, seed=0).load_state_dict(state)
+
+
+def test_shards_form_one_poisson_sample_of_the_whole_dataset() -> None:
+    """Union over 3 ranks: disjoint shards, every record at rate q, Binomial(N, q) sizes."""
+    N, q, steps, world = 90, 0.2, 3000, 3
+    samplers = [PoissonSampler(N, q, steps_per_epoch=steps, seed=4, shard=(r, world))
+                for r in range(world)]
+    assert all(s.expected_batch_size == pytest.approx(q * N) for s in samplers)
+    counts, sizes, both = torch.zeros(N), [], 0
+    for batches in zip(*samplers, strict=True):
+        assert all(int(i) % world == r for r, b in enumerate(batches) for i in b)
+        union = torch.cat(batches)
+        counts[union] += 1
+        sizes.append(len(union))
+        both += int(0 in union.tolist() and 1 in union.tolist())  # records of ranks 0 and 1
+    assert (counts / steps - q).abs().max() < 4.5 * np.sqrt(q * (1 - q) / steps)
+    assert np.var(sizes) == pytest.approx(N * q * (1 - q), rel=0.12)
+    # seeded ranks draw independently (one seed for all would tie record 0 to record 1)
+    assert both / steps == pytest.approx(q * q, abs=4 * np.sqrt(q * q / steps))
+
+
+def test_bad_shard_is_refused() -> None:
+    with pytest.raises(ValueError, match="shard"):
+        PoissonSampler(10, 0.5, shard=(2, 2))
+    state = PoissonSampler(10, 0.5, seed=0, shard=(0, 2)).state_dict()
+    with pytest.raises(ValueError, match="number of processes"):
+        PoissonSampler(10, 0.5, seed=0, shard=(0, 1)).load_state_dict(state)

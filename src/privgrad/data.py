@@ -47,6 +47,18 @@ def _generator(seed: int | None) -> torch.Generator:
     return g
 
 
+def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+    if shard is None:
+        return (0, 1)
+    rank, size = (int(v) for v in shard)
+    if not 0 <= rank < size:
+        raise ValueError(
+            f"privgrad.data: shard={shard} is not (rank, world_size) with 0 <= rank < "
+            "world_size. Fix: shard=privgrad.distributed.world()."
+        )
+    return rank, size
+
+
 def _rate(num_samples: int, sample_rate: float | None, expected_batch_size: float | None) -> float:
     if (sample_rate is None) == (expected_batch_size is None):
         raise ValueError(
@@ -84,6 +96,10 @@ class PoissonSampler:
         expected_batch_size: ``q·N``.
         steps_per_epoch: Logical steps per pass; default ``round(1/q)`` (one epoch).
         seed: ``None`` for OS entropy (secure); an int for reproducible batches (NOT secure).
+        shard: ``(rank, world_size)`` under ``torch.distributed``: this rank samples only
+            records ``rank, rank + world_size, ...`` with the same ``q`` (and its own
+            generator), so the union over ranks is a Poisson sample of all ``N`` records.
+            ``num_samples``, ``expected_batch_size`` and ``len`` stay global.
     """
 
     def __init__(
@@ -94,8 +110,10 @@ class PoissonSampler:
         expected_batch_size: float | None = None,
         steps_per_epoch: int | None = None,
         seed: int | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self.num_samples = int(num_samples)
+        self.shard = _check_shard(shard)
         self.sample_rate = _rate(self.num_samples, sample_rate, expected_batch_size)
         steps = max(1, round(1 / self.sample_rate)) if steps_per_epoch is None else steps_per_epoch
         if int(steps) < 1:
@@ -105,7 +123,10 @@ class PoissonSampler:
             )
         self.steps_per_epoch = int(steps)
         self.position = 0  # logical batches drawn in the current epoch
-        self._gen = _generator(seed)
+        rank, size = self.shard
+        self._members = torch.arange(rank, self.num_samples, size)
+        # ranks must draw independently: one seed would tie record i of each shard together
+        self._gen = _generator(None if seed is None else seed + rank * 0x9E3779B97F4A7C15 % 2**62)
 
     @property
     def expected_batch_size(self) -> float:
@@ -117,9 +138,9 @@ class PoissonSampler:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while self.position < self.steps_per_epoch:
-            mask = torch.rand(self.num_samples, generator=self._gen) < self.sample_rate
+            mask = torch.rand(len(self._members), generator=self._gen) < self.sample_rate
             self.position += 1
-            yield mask.nonzero().flatten()
+            yield self._members[mask]
         self.position = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -127,6 +148,7 @@ class PoissonSampler:
         return {
             "num_samples": self.num_samples,
             "sample_rate": self.sample_rate,
+            "shard": list(self.shard),
             "steps_per_epoch": self.steps_per_epoch,
             "position": self.position,
             "generator": self._gen.get_state(),
@@ -134,13 +156,16 @@ class PoissonSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores ``state_dict()``; the dataset size and rate must match."""
-        for key in ("num_samples", "sample_rate"):
-            if state[key] != getattr(self, key):
+        mine = {"num_samples": self.num_samples, "sample_rate": self.sample_rate,
+                "shard": list(self.shard)}
+        for key, value in mine.items():
+            theirs = list(state[key]) if key == "shard" else state[key]
+            if theirs != value:
                 raise ValueError(
-                    f"privgrad.data: the checkpointed sampler has {key}={state[key]}, this "
-                    f"one {getattr(self, key)}. Resuming on other data or another rate would "
-                    "break the privacy accounting. Fix: resume with the same dataset and "
-                    "batch size."
+                    f"privgrad.data: the checkpointed sampler has {key}={theirs}, this one "
+                    f"{value}. Resuming on other data, another rate or another rank layout "
+                    "would break the privacy accounting. Fix: resume with the same dataset, "
+                    "batch size and number of processes."
                 )
         self.steps_per_epoch = int(state["steps_per_epoch"])
         self.position = int(state["position"])
@@ -216,6 +241,8 @@ class PoissonLoader:
             ``None`` runs each logical batch at once.
         steps_per_epoch: Logical steps per pass; default ``round(1/q)``.
         seed: ``None`` for OS entropy (secure); an int for reproducible batches (NOT secure).
+        shard: ``(rank, world_size)`` to sample only this rank's share of the records
+            (see ``PoissonSampler``); ``expected_batch_size`` stays global.
     """
 
     def __init__(
@@ -227,6 +254,7 @@ class PoissonLoader:
         max_physical_batch_size: int | None = None,
         steps_per_epoch: int | None = None,
         seed: int | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError(
@@ -241,6 +269,7 @@ class PoissonLoader:
             expected_batch_size=expected_batch_size,
             steps_per_epoch=steps_per_epoch,
             seed=seed,
+            shard=shard,
         )
 
     @property

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from privgrad import guards, validate
+from privgrad import distributed, guards, validate
 from privgrad.accounting import PrivacyLedger, shared_sample_step
 from privgrad.accounting.validation import check_sample_rate
 from privgrad.clipping import Adaptive, ClipPlan, ClipRule, Flat, adaptive_update
@@ -49,8 +49,17 @@ class DPEngine:
         noise multiplier ``σ``. Only ``p.grad`` (``trace.private_grad``) is private; every
         other field of the returned trace is NOT.
 
+    Distributed: built after ``torch.distributed.init_process_group`` (world size > 1),
+    each rank clips its own samples, the clipped sums are all-reduced in buckets, every
+    rank adds the same noise once and writes the same ``p.grad`` (see
+    ``privgrad.distributed``). A rank's trace holds its own samples' norms and factors, and
+    the global ``clipped_sum`` and ``noise``. Every rank must call ``step`` (or
+    ``backward``) for every logical step, with an empty batch if it has no samples.
+
     Args:
         model: Any ``nn.Module``; never wrapped. Build the engine before the forward pass.
+            A ``DistributedDataParallel`` model is unwrapped and its own gradient
+            all-reduce switched off (privgrad sums the clipped gradients itself).
         noise_multiplier: ``σ >= 0`` (0 is non-private).
         max_grad_norm: ``C`` for flat clipping; leave ``None`` when ``clipping`` is given.
         expected_batch_size: The normaliser of the private gradient (``q·N`` under Poisson
@@ -93,6 +102,7 @@ class DPEngine:
         sample_rate: float | None = None,
         self_check: bool = True,
     ) -> None:
+        model = distributed.unwrap(model)
         validate.check(model)
         self.model = model
         self.noise_multiplier = _check_sigma(noise_multiplier)
@@ -101,7 +111,10 @@ class DPEngine:
             raise ValueError(f"privgrad: mode={mode!r} is not one of {MODES}.")
         self.mode = mode
         self.clipping = _clip_rule(max_grad_norm, clipping)
-        self.noise = NoiseSource(seed)
+        self.distributed = distributed.is_distributed()
+        self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        entropy = (lambda: distributed.shared_seed(self._device)) if self.distributed else None
+        self.noise = NoiseSource(seed, entropy)
         self.self_check = self_check
         self.sample_rate = None if sample_rate is None else check_sample_rate(sample_rate)
         self.ledger = PrivacyLedger()
@@ -232,6 +245,8 @@ class DPEngine:
             pending = [(Segment(0, 0, [], {}, {}), empty)]
         results = [r for _, r in pending]
         clipped_sum = {n: _sum(r.clipped_sum[n] for r in results) for n in trainable}
+        if self.distributed:  # the sum over every rank's samples, before the noise
+            clipped_sum = distributed.all_reduce_sum(clipped_sum)
         noise = self.noise.gaussian(clipped_sum, self.noise_std)
         private = private_gradient(clipped_sum, noise, self.expected_batch_size)
         norms = torch.cat([r.total_sq for r in results]).sqrt()
@@ -269,6 +284,8 @@ class DPEngine:
             self.ledger.record(self.noise_multiplier, self.sample_rate)
         if isinstance(rule, Adaptive):
             unclipped = float((norms <= self.max_grad_norm).sum())
+            if self.distributed:  # the count over every rank's samples, then one release
+                unclipped = distributed.sum_scalar(unclipped, self._device)
             count = unclipped + float(self.noise.gaussian(
                 {"count": torch.zeros((), dtype=torch.float64)}, rule.count_noise_multiplier
             )["count"])

@@ -17,9 +17,13 @@ competes with the step's own kernels) and is not done.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+
+
+def _os_entropy() -> int:
+    return int.from_bytes(os.urandom(8), "little") >> 1
 
 
 class NoiseSource:
@@ -27,10 +31,15 @@ class NoiseSource:
 
     Args:
         seed: ``None`` for OS entropy (secure), an int for reproducible noise (NOT secure).
+        entropy: Where a secure draw gets its fresh seed (default ``os.urandom``); under
+            ``torch.distributed`` a seed broadcast from rank 0, so all ranks draw alike.
     """
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(
+        self, seed: int | None = None, entropy: Callable[[], int] | None = None
+    ) -> None:
         self.seed = seed
+        self.entropy = entropy or _os_entropy
         self._gens: dict[torch.device, torch.Generator] = {}
 
     @property
@@ -41,7 +50,7 @@ class NoiseSource:
     def _generator(self, device: torch.device) -> torch.Generator:
         if self.seed is None:
             g = torch.Generator(device=device)
-            g.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+            g.manual_seed(self.entropy())
             return g
         if device not in self._gens:
             g = torch.Generator(device=device)
