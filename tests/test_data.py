@@ -154,3 +154,15 @@ def test_bad_shard_is_refused() -> None:
     state = PoissonSampler(10, 0.5, seed=0, shard=(0, 2)).state_dict()
     with pytest.raises(ValueError, match="number of processes"):
         PoissonSampler(10, 0.5, seed=0, shard=(0, 1)).load_state_dict(state)
+
+
+def test_resume_right_after_the_last_batch_of_an_epoch() -> None:
+    through = PoissonSampler(100, 0.25, seed=2)
+    reference = [idx for _ in range(2) for idx in through]
+    first = PoissonSampler(100, 0.25, seed=2)
+    it = iter(first)
+    head = [next(it) for _ in range(4)]  # the epoch's last batch; the loop stops before
+    resumed = PoissonSampler(100, 0.25, seed=0)  # the generator notices the end
+    resumed.load_state_dict(first.state_dict())
+    got = head + list(resumed)
+    assert len(got) == 8 and all(torch.equal(a, b) for a, b in zip(got, reference, strict=True))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import privgrad as pg
-from privgrad.cli import checkpoint, main, train
+from privgrad.cli import checkpoint, loop, main
 from privgrad.errors import CheckpointError
 from test_report import _check_png
 
@@ -68,7 +68,7 @@ def test_clipping_rules_run_and_adaptive_spends_its_count(tmp_path: Path) -> Non
 
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
-    real = train._logical_step
+    real = loop.logical_step
     calls = {"n": 0}
 
     def step(*args, **kwargs):
@@ -78,18 +78,19 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, handled between steps
         return out
 
-    monkeypatch.setattr(train, "_logical_step", step)
+    monkeypatch.setattr(loop, "logical_step", step)
 
 
+@pytest.mark.parametrize("stop_at", [4, 3])  # mid-way through epoch 2; end of epoch 1
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_at: int
 ) -> None:
     through, summary = _run(tmp_path, "--clipping", "adaptive", name="through")
     out = tmp_path / "resumed"
     with monkeypatch.context() as m:
-        _interrupt_after(m, 4)  # mid-way through the second epoch
+        _interrupt_after(m, stop_at)
         assert main(["train", *FAST, "--clipping", "adaptive", "--out", str(out)]) == 130
-    assert checkpoint.load(out / "checkpoint.pt")["engine"]["steps"] == 4
+    assert checkpoint.load(out / "checkpoint.pt")["engine"]["steps"] == stop_at
     assert not (out / "summary.json").exists()
     assert main(["train", "--resume", str(out)]) == 0
     a, b = checkpoint.load(through / "checkpoint.pt"), checkpoint.load(out / "checkpoint.pt")
@@ -101,6 +102,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
     assert resumed["epsilon"] == summary["epsilon"]
     assert resumed["test_accuracy"] == summary["test_accuracy"]
     assert (out / "metrics.jsonl").read_text() == (through / "metrics.jsonl").read_text()
+    assert b["history"]["epochs"] == a["history"]["epochs"]
 
 
 def test_corrupted_checkpoint_is_an_error_not_a_fresh_start(tmp_path: Path, capsys) -> None:
@@ -153,3 +155,19 @@ def test_unknown_clipping_and_resume_with_options_are_refused(tmp_path: Path, ca
     assert "invalid choice: 'median'" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path), "--epsilon", "8"]) == 2
     assert "drop ['epsilon']" in capsys.readouterr().err
+
+
+def test_two_processes(tmp_path: Path) -> None:
+    """--nproc 2: same budget and ledger, global batches, one writer, resume refuses 1 proc."""
+    _, single = _run(tmp_path, name="one")
+    out, two = _run(tmp_path, "--nproc", "2", name="two")
+    assert two["processes"] == 2
+    assert two["epsilon"] == single["epsilon"] and two["steps"] == single["steps"]
+    state = checkpoint.load(out / "checkpoint.pt")
+    assert len(state["sampler"]) == 2 and [s["shard"] for s in state["sampler"]] == [[0, 2], [1, 2]]
+    one = checkpoint.load(tmp_path / "one" / "checkpoint.pt")
+    assert state["engine"]["ledger"] == one["engine"]["ledger"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and 300 < sum(r["batch_size"] for r in rows) / 6 < 660  # E = 480
+    assert two["test_accuracy"] > 0.3
+    assert main(["train", "--resume", str(out)]) == 0  # finished: rewrites the summary only

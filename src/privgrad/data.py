@@ -137,6 +137,8 @@ class PoissonSampler:
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.position >= self.steps_per_epoch:  # stopped right after an epoch's last batch
+            self.position = 0
         while self.position < self.steps_per_epoch:
             mask = torch.rand(len(self._members), generator=self._gen) < self.sample_rate
             self.position += 1

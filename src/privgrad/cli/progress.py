@@ -14,10 +14,12 @@ class Progress:
         total: Number of steps of the whole run.
         stream: Where to draw; ``None`` for stderr.
         width: Characters of the bar.
+        enabled: ``False`` draws nothing (ranks other than 0).
     """
 
-    def __init__(self, total: int, stream: TextIO | None = None, width: int = 24) -> None:
-        self.total, self.width = max(total, 1), width
+    def __init__(self, total: int, stream: TextIO | None = None, width: int = 24,
+                 enabled: bool = True) -> None:
+        self.total, self.width, self.enabled = max(total, 1), width, enabled
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty()
         self._last = 0.0
@@ -25,7 +27,7 @@ class Progress:
     def update(self, step: int, text: str, force: bool = False) -> None:
         """Redraws the bar at ``step`` (at most 10 times a second unless ``force``)."""
         now = time.monotonic()
-        if not self.live and not force:
+        if not self.enabled or (not self.live and not force):
             return
         if not force and now - self._last < 0.1 and step < self.total:
             return
@@ -37,6 +39,6 @@ class Progress:
 
     def close(self) -> None:
         """Ends the bar's line."""
-        if self.live:
+        if self.enabled and self.live:
             self.stream.write("\n")
             self.stream.flush()
