@@ -26,6 +26,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/accounting_bench.py
+	cd benchmarks && ../$(PY) distributed_bench.py
 
 clean:
 	rm -rf $(VENV)
