@@ -1,6 +1,6 @@
 """privgrad: transparent, exact and fast DP-SGD for PyTorch."""
 
-from privgrad import accounting, clipping, validate
+from privgrad import accounting, clipping, data, distributed, validate
 from privgrad.engine import DPEngine
 from privgrad.errors import (
     GradientStateError,
@@ -23,6 +23,8 @@ __all__ = [
     "UnsupportedModelError",
     "accounting",
     "clipping",
+    "data",
+    "distributed",
     "validate",
 ]
 __version__ = "0.1.0"
