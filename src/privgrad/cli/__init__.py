@@ -1,4 +1,4 @@
-"""The ``privgrad`` command: ``train``, ``epsilon`` and ``calibrate``."""
+"""The ``privgrad`` command: ``train``, ``epsilon``, ``calibrate`` and ``audit``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from privgrad.cli import accounting, train
+from privgrad.cli import accounting, audit, train
 from privgrad.errors import PrivgradError
 
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train.add_command(sub)
     accounting.add_commands(sub)
+    audit.add_command(sub)
     return parser
 
 
