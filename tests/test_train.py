@@ -107,10 +107,20 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
 
 def test_corrupted_checkpoint_is_an_error_not_a_fresh_start(tmp_path: Path, capsys) -> None:
     out, _ = _run(tmp_path)
-    data = (out / "checkpoint.pt").read_bytes()
-    (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])
-    assert main(["train", "--resume", str(out)]) == 2
-    assert "truncated or corrupted" in capsys.readouterr().err
+    path = out / "checkpoint.pt"
+    data = path.read_bytes()
+    ledger = checkpoint.load(path)["engine"]["ledger"]
+    mid = len(data) // 2
+    damaged = [data[:mid], data[:10], b"",
+               data[:-100] + bytes([data[-100] ^ 1]) + data[-99:],  # one flipped bit
+               data[:mid] + bytes([data[mid] ^ 0x80]) + data[mid + 1:]]
+    for bad in damaged:
+        path.write_bytes(bad)
+        assert main(["train", "--resume", str(out)]) == 2
+        assert "truncated or corrupted" in capsys.readouterr().err
+        assert path.read_bytes() == bad  # nothing was overwritten by a fresh run
+    path.write_bytes(data)
+    assert checkpoint.load(path)["engine"]["ledger"] == ledger
     with pytest.raises(CheckpointError, match="no checkpoint"):
         checkpoint.load(tmp_path / "nowhere" / "checkpoint.pt")
 
