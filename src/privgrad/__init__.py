@@ -1,6 +1,6 @@
 """privgrad: transparent, exact and fast DP-SGD for PyTorch."""
 
-from privgrad import accounting, clipping, data, distributed, validate
+from privgrad import accounting, audit, clipping, data, distributed, validate
 from privgrad.engine import DPEngine
 from privgrad.errors import (
     GradientStateError,
@@ -22,6 +22,7 @@ __all__ = [
     "StepTrace",
     "UnsupportedModelError",
     "accounting",
+    "audit",
     "clipping",
     "data",
     "distributed",
