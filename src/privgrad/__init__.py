@@ -10,6 +10,7 @@ from privgrad.errors import (
     PrivgradError,
     UnsupportedModelError,
 )
+from privgrad.sample_clipping import clipped_batch_gradients
 from privgrad.trace import StepTrace
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "StepTrace",
     "UnsupportedModelError",
     "accounting",
+    "clipped_batch_gradients",
     "audit",
     "clipping",
     "data",
