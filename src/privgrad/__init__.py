@@ -1,6 +1,6 @@
 """privgrad: transparent, exact and fast DP-SGD for PyTorch."""
 
-from privgrad import accounting, audit, clipping, data, distributed, validate
+from privgrad import accounting, audit, clipping, data, distributed, federated, validate
 from privgrad.engine import DPEngine
 from privgrad.errors import (
     GradientStateError,
@@ -28,6 +28,7 @@ __all__ = [
     "clipping",
     "data",
     "distributed",
+    "federated",
     "validate",
 ]
 __version__ = "0.1.0"

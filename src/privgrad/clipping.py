@@ -292,4 +292,23 @@ def _positive_norm(c: float) -> float:
     return c
 
 
+def adaptive_next(
+    rule: Adaptive, max_norm: float, unclipped: float, count_noise: float, expected: float
+) -> float:
+    """The next threshold of ``rule`` from a noisy count of unclipped samples (or clients).
+
+    Args:
+        rule: The ``Adaptive`` rule (target quantile, learning rate).
+        max_norm: The current ``C``.
+        unclipped: How many norms were ``<= C`` this step (summed over ranks if any).
+        count_noise: The ``N(0, σ_b²)`` draw added to the count before its release.
+        expected: The expected number of samples (or clients) per step.
+
+    Returns:
+        ``adaptive_update(C, (unclipped + noise) / expected, γ, η)``.
+    """
+    return adaptive_update(max_norm, (unclipped + count_noise) / expected,
+                           rule.target_quantile, rule.learning_rate)
+
+
 ClipRule = Flat | PerLayer | Automatic | Adaptive

@@ -17,7 +17,7 @@ from torch import nn
 from privgrad import distributed, guards, validate
 from privgrad.accounting import PrivacyLedger, shared_sample_step
 from privgrad.accounting.validation import check_sample_rate
-from privgrad.clipping import Adaptive, ClipPlan, ClipRule, Flat, adaptive_update
+from privgrad.clipping import Adaptive, ClipPlan, ClipRule, Flat, adaptive_next
 from privgrad.errors import GradientStateError
 from privgrad.noise import NoiseSource
 from privgrad.per_sample.batch import (
@@ -286,11 +286,9 @@ class DPEngine:
             unclipped = float((norms <= self.max_grad_norm).sum())
             if self.distributed:  # the count over every rank's samples, then one release
                 unclipped = distributed.sum_scalar(unclipped, self._device)
-            count = unclipped + float(self.noise.gaussian(
-                {"count": torch.zeros((), dtype=torch.float64)}, rule.count_noise_multiplier
-            )["count"])
-            new = adaptive_update(self.max_grad_norm, count / self.expected_batch_size,
-                                  rule.target_quantile, rule.learning_rate)
+            count_noise = self.noise.scalar(rule.count_noise_multiplier)
+            new = adaptive_next(rule, self.max_grad_norm, unclipped, count_noise,
+                                self.expected_batch_size)
             self.plan = rule.bind(list(self._params), new)
 
     def epsilon(self, delta: float, accountant: str = "pld") -> float:

@@ -82,6 +82,10 @@ class NoiseSource:
             out[n] = z
         return out
 
+    def scalar(self, std: float) -> float:
+        """One ``N(0, std²)`` draw (float64, CPU), e.g. for a noisy count."""
+        return float(self.gaussian({"scalar": torch.zeros((), dtype=torch.float64)}, std)["scalar"])
+
     def state_dict(self) -> dict:
         """Generator states (seeded mode only; secure mode keeps no state)."""
         return {

@@ -1,0 +1,216 @@
+"""Client-level DP for federated learning: update clipping and the DP-FedAvg aggregator.
+
+Central DP at the server (McMahan et al. 2018): each round samples every client
+independently with probability ``q`` (Poisson: ``expected_clients = q · num_clients``),
+clips each participating client's model update on its whole L2 norm (all tensors
+together) to ``C``, and releases ``(Σ clipped updates + N(0, σ²C²)) / expected_clients``.
+Adding or removing one client changes the clipped sum by at most ``C``, so a round is a
+Poisson-subsampled Gaussian mechanism with noise multiplier ``σ`` and the rounds are
+accounted by the same ``privgrad.accounting.PrivacyLedger`` as DP-SGD steps.
+
+Adaptive client clipping (Andrew et al. 2021): after each round the aggregator releases a
+noisy count of the *unclipped* updates (norm ≤ C, noise std ``σ_b``) and moves ``C``
+geometrically toward the ``target_quantile`` of the update norms (``clipping.adaptive_update``).
+The count is a second release on the same sample: each round is recorded as
+``shared_sample_step(q, [σ, σ_b])``.
+
+Formal guarantees:
+    Client-level (ε, δ)-DP of the sequence of released aggregates, for the adjacency
+    "add or remove one client's whole data", given that clients are sampled as described
+    (``DPFedAvg.sample``) and the server runs the aggregator honestly. Everything in a
+    ``RoundResult`` except ``update`` is NOT private.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from privgrad.accounting import PrivacyLedger, shared_sample_step
+from privgrad.accounting.validation import check_sample_rate
+from privgrad.clipping import Adaptive, adaptive_next, clip_factors
+from privgrad.noise import NoiseSource
+
+Update = Mapping[str, torch.Tensor]
+
+
+def update_norm(update: Update) -> float:
+    """L2 norm of a whole update (all tensors together, accumulated in float64)."""
+    return math.sqrt(sum(float(t.double().square().sum()) for t in update.values()))
+
+
+def clip_update(update: Update, max_norm: float) -> tuple[dict[str, torch.Tensor], float]:
+    """Scales an update so that its whole L2 norm is at most ``max_norm``.
+
+    Args:
+        update: ``{name: tensor}``, e.g. client weights minus global weights.
+        max_norm: ``C >= 0``.
+
+    Returns:
+        ``(clipped update, factor)`` with ``factor = min(1, C / ‖update‖)`` (1 for a zero
+        update).
+    """
+    norm = torch.tensor([update_norm(update)], dtype=torch.float64)
+    factor = float(clip_factors(norm, float(max_norm))[0])
+    return {n: t * factor for n, t in update.items()}, factor
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One aggregated round. Only ``update`` is private.
+
+    Attributes:
+        update: ``{name: tensor}`` = (clipped_sum + noise) / expected_clients: add it to
+            the global model.
+        clipped_sum: Sum of the clipped client updates.
+        noise: The Gaussian noise added to it.
+        norms: ``(K,)`` each participating client's update norm before clipping.
+        factors: ``(K,)`` their clip factors.
+        max_norm: ``C`` used this round.
+        noise_std: ``σ · C``.
+        clients: ``K``, the number of participating clients.
+    """
+
+    update: dict[str, torch.Tensor]
+    clipped_sum: dict[str, torch.Tensor]
+    noise: dict[str, torch.Tensor]
+    norms: torch.Tensor
+    factors: torch.Tensor
+    max_norm: float
+    noise_std: float
+    clients: int
+
+
+class DPFedAvg:
+    """DP-FedAvg aggregation with Poisson client sampling and an ε ledger.
+
+    Args:
+        noise_multiplier: ``σ > 0`` (0: non-private, ε = ∞).
+        max_norm: ``C`` for fixed clipping; leave ``None`` with ``adaptive``.
+        num_clients: Size of the client population.
+        clients_per_round: Expected participating clients per round (``q · num_clients``).
+        adaptive: ``clipping.Adaptive`` (its ``initial_max_norm`` starts ``C``) for
+            adaptive client clipping.
+        seed: ``None``: client sampling and noise from OS entropy (secure); an int for
+            reproducible rounds (NOT secure).
+    """
+
+    def __init__(
+        self,
+        noise_multiplier: float,
+        max_norm: float | None = None,
+        *,
+        num_clients: int,
+        clients_per_round: float,
+        adaptive: Adaptive | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if (max_norm is None) == (adaptive is None):
+            raise ValueError(
+                "privgrad.federated: pass exactly one of max_norm (fixed clipping) and "
+                "adaptive=pg.clipping.Adaptive(...). Fix: DPFedAvg(1.0, max_norm=0.5, ...)."
+            )
+        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+            raise ValueError(f"privgrad.federated: noise_multiplier must be >= 0, got "
+                             f"{noise_multiplier}.")
+        if num_clients < 1 or not 0 < clients_per_round <= num_clients:
+            raise ValueError(
+                f"privgrad.federated: clients_per_round={clients_per_round} must be in (0, "
+                f"num_clients={num_clients}]. Fix: e.g. clients_per_round=0.1 * num_clients."
+            )
+        self.noise_multiplier = float(noise_multiplier)
+        self.num_clients = int(num_clients)
+        self.expected_clients = float(clients_per_round)
+        self.sample_rate = check_sample_rate(clients_per_round / num_clients)
+        self.adaptive = adaptive
+        self.max_norm = float(adaptive.initial_max_norm if adaptive else max_norm)
+        if not (self.max_norm > 0 and math.isfinite(self.max_norm)):
+            raise ValueError(f"privgrad.federated: max_norm must be finite and > 0, got "
+                             f"{self.max_norm}.")
+        self.noise = NoiseSource(seed)
+        self.ledger = PrivacyLedger()
+        self.rounds = 0
+        self._sampler = torch.Generator()
+        self._sampler.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1
+                                  if seed is None else seed + 1)
+
+    def sample(self) -> list[int]:
+        """This round's clients: each joins independently with probability ``q``."""
+        mask = torch.rand(self.num_clients, generator=self._sampler) < self.sample_rate
+        return mask.nonzero().flatten().tolist()
+
+    def aggregate(self, updates: Sequence[Update], like: Update | None = None) -> RoundResult:
+        """Clips, sums, adds the noise once, records the round; updates adaptive ``C``.
+
+        Args:
+            updates: The participating clients' updates (client weights minus global
+                weights), each ``{name: tensor}`` with the same names and shapes.
+            like: Names and shapes of an update, needed when ``updates`` is empty (then the
+                aggregate is pure noise).
+
+        Returns:
+            The round's ``RoundResult``; ``result.update`` is the private aggregate.
+        """
+        template = updates[0] if updates else like
+        if template is None:
+            raise ValueError(
+                "privgrad.federated: no client updates and no `like=` to shape the noise. "
+                "Fix: aggregate([], like=global_weights) for a round where no client was "
+                "sampled: it still releases noise and counts in the ledger."
+            )
+        names = list(template)
+        for i, u in enumerate(updates):
+            if list(u) != names or any(u[n].shape != template[n].shape for n in names):
+                raise ValueError(f"privgrad.federated: update {i} does not have the names and "
+                                 "shapes of update 0. Fix: send every client the same model.")
+            if not all(bool(torch.isfinite(u[n]).all()) for n in names):
+                raise ValueError(f"privgrad.federated: update {i} has a NaN or Inf; it would "
+                                 "poison the sum. Fix: drop that client's update this round.")
+        C = self.max_norm
+        norms = torch.tensor([update_norm(u) for u in updates], dtype=torch.float64)
+        factors = clip_factors(norms, C)
+        clipped_sum = {n: torch.zeros_like(template[n]) for n in names}
+        for u, f in zip(updates, factors.tolist(), strict=True):
+            for n in names:
+                clipped_sum[n] += u[n] * f
+        std = self.noise_multiplier * C
+        noise = self.noise.gaussian(clipped_sum, std)
+        update = {n: (clipped_sum[n] + noise[n]) / self.expected_clients for n in names}
+        self._record(norms)
+        return RoundResult(update, clipped_sum, noise, norms, factors, C, std, len(updates))
+
+    def _record(self, norms: torch.Tensor) -> None:
+        self.rounds += 1
+        rule = self.adaptive
+        if rule is None:
+            self.ledger.record(self.noise_multiplier, self.sample_rate)
+            return
+        self.ledger.record_event(shared_sample_step(
+            self.sample_rate, [self.noise_multiplier, rule.count_noise_multiplier]))
+        unclipped = float((norms <= self.max_norm).sum())
+        count_noise = self.noise.scalar(rule.count_noise_multiplier)
+        self.max_norm = adaptive_next(rule, self.max_norm, unclipped, count_noise,
+                                      self.expected_clients)
+
+    def epsilon(self, delta: float, accountant: str = "pld") -> float:
+        """Client-level ε spent by the rounds so far, at ``delta``."""
+        return self.ledger.epsilon(delta, accountant)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rounds, ledger, clip norm and generator states."""
+        return {"rounds": self.rounds, "max_norm": self.max_norm,
+                "ledger": self.ledger.state_dict(), "noise": self.noise.state_dict(),
+                "sampler": self._sampler.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores ``state_dict()``."""
+        self.rounds = int(state["rounds"])
+        self.max_norm = float(state["max_norm"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.noise.load_state_dict(state["noise"])
+        self._sampler.set_state(state["sampler"])
