@@ -4,13 +4,13 @@ Writes its table between markers in benchmarks/RESULTS.md (the rest of the file 
 as it is). Run: .venv/bin/python benchmarks/accounting_bench.py
 """
 
-import pathlib
 import platform
 import time
 
 import torch
 
 from privgrad.accounting import PrivacyLedger
+from sections import write_section
 
 SIGMA, Q, STEPS, DELTA = 1.1, 256 / 60000, 100_000, 1e-5
 BEGIN, END = "<!-- accounting-bench:begin -->", "<!-- accounting-bench:end -->"
@@ -64,14 +64,7 @@ def main():
     lines.append(END)
     block = "\n".join(lines)
     print(block)
-    path = pathlib.Path(__file__).with_name("RESULTS.md")
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_section(BEGIN, END, block)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ rank's time; the median over the timed steps is reported.
 from __future__ import annotations
 
 import os
-import pathlib
 import platform
 import statistics
 import tempfile
@@ -25,6 +24,7 @@ import torch.multiprocessing as mp
 
 import privgrad as pg
 from models import SPECS
+from sections import write_section
 
 BEGIN, END = "<!-- distributed-bench:begin -->", "<!-- distributed-bench:end -->"
 WARMUP, STEPS = 3, 15
@@ -109,14 +109,7 @@ def main() -> None:
     ]
     block = "\n".join(lines)
     print(block)
-    path = pathlib.Path(__file__).with_name("RESULTS.md")
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_section(BEGIN, END, block)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,19 @@
+"""Writing one benchmark's table between its markers in benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import pathlib
+
+RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
+
+
+def write_section(begin: str, end: str, block: str, path: pathlib.Path = RESULTS) -> None:
+    """Replaces the text between ``begin`` and ``end`` (markers included) with ``block``,
+    or appends ``block`` if the markers are absent; the rest of the file is kept."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
