@@ -17,11 +17,11 @@ demo: $(STAMP)
 	$(VENV)/bin/privgrad train --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

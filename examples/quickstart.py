@@ -23,7 +23,7 @@ engine = pg.DPEngine(model, noise_multiplier=1.5, max_grad_norm=1.0,
                      sample_rate=loader.sample_rate, seed=0)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
 
-for epoch in range(30):  # one epoch is 1/q = 10 logical steps
+for _ in range(30):  # epochs; one epoch is 1/q = 10 logical steps
     for batch in loader:
         for x, t in batch:  # clip and sum each physical batch (none if the batch is empty)
             engine.accumulate(F.cross_entropy(model(x), t, reduction="none"), retain=True)
