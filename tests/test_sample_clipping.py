@@ -34,6 +34,13 @@ FAMILIES = {
                                         nn.Linear(12, 3)),
                   lambda g: torch.randint(0, 9, (7, 3), generator=g)),
     "gru (functional path)": (GRUHead, lambda g: torch.randn(7, 4, 3, generator=g)),
+    "conv1d-instancenorm": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3, stride=2),
+                                                  nn.InstanceNorm1d(3, affine=True),
+                                                  nn.Flatten(), nn.Linear(9, 3)),
+                            lambda g: torch.randn(7, 2, 7, generator=g)),
+    "conv3d-rmsnorm": (lambda: nn.Sequential(nn.Conv3d(1, 2, 2), nn.Flatten(), nn.RMSNorm(16),
+                                             nn.Linear(16, 3)),
+                       lambda g: torch.randn(7, 1, 3, 3, 3, generator=g)),
 }
 
 
