@@ -3,8 +3,9 @@
 Which of several exact formulas is fastest depends on shapes, dtype and the backend's
 kernels (a grouped convolution kernel can be 5× slower or faster than im2col + bmm on
 the same layer). ``fastest`` times each candidate once per key — the layer's per-sample
-shapes, never the batch size, which varies under Poisson sampling — remembers the
-winner, and afterwards runs only the winner. All candidates give the same result up to
+shapes and the batch size's power-of-two bucket (``batch_bucket``: the batch size varies
+under Poisson sampling, but the winner can change between B = 64 and B = 256) —
+remembers the winner, and afterwards runs only the winner. All candidates give the same result up to
 floating-point rounding, so the choice changes speed only.
 """
 
@@ -17,6 +18,11 @@ from typing import TypeVar
 T = TypeVar("T")
 
 _CHOICE: dict[Hashable, str] = {}
+
+
+def batch_bucket(batch_size: int) -> int:
+    """``k`` with ``2^(k-1) <= B < 2^k``: batch sizes within a factor 2 share a choice."""
+    return int(batch_size).bit_length()
 
 
 def fastest(key: Hashable, candidates: dict[str, Callable[[], T]]) -> T:

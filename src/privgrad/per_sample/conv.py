@@ -146,7 +146,7 @@ def squared_norms(
     elif strategy == "measure" and flat:
         key = ("conv", module.kernel_size, module.stride, module.dilation, module.padding,
                module.padding_mode, module.groups, tuple(A.shape[1:]), tuple(G.shape[1:]),
-               A.dtype, A.device.type)
+               A.dtype, A.device.type, autotune.batch_bucket(B))
         w = autotune.fastest(key, {"ghost": ghost, "grouped": grouped, "unfold": unfold})
     else:
         w = ghost() if flat and 2 * L * L < d * p else grouped()
