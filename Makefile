@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/privgrad train --out runs/demo
+	$(VENV)/bin/privgrad train --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples

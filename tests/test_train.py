@@ -159,6 +159,15 @@ def test_bad_options_are_explained(tmp_path: Path, capsys, args, match) -> None:
     assert match in capsys.readouterr().err
 
 
+def test_a_fresh_run_never_discards_an_earlier_ledger(tmp_path: Path, capsys) -> None:
+    out, _ = _run(tmp_path)
+    before = (out / "checkpoint.pt").read_bytes()
+    assert main(["train", *FAST, "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert main(["train", *FAST, "--out", str(out), "--overwrite"]) == 0
+
+
 def test_unknown_clipping_and_resume_with_options_are_refused(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--clipping", "median"])

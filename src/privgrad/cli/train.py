@@ -49,6 +49,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     opt("--nproc", type=int, help="local processes (torch.distributed, gloo; default 1)")
     opt("--out", metavar="DIR", help="output directory (default privgrad-run)")
     opt("--resume", metavar="DIR", help="continue the interrupted run in DIR")
+    opt("--overwrite", action="store_true",
+        help="start afresh in an --out DIR that holds an earlier run's checkpoint")
     p.set_defaults(run=run)
 
 
@@ -68,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         out, state = Path(args.out or "privgrad-run"), None
         config = check(replace(Config(), **given))
+        if (out / "checkpoint.pt").exists() and not args.overwrite and "WORLD_SIZE" not in \
+                os.environ:
+            raise ValueError(
+                f"{out} already holds a run (checkpoint.pt with its privacy ledger). Fix: "
+                f"--resume {out} to continue it, another --out, or --overwrite to discard it "
+                "(the privacy its steps spent on your data is spent all the same)."
+            )
     if config.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(config.nproc, args)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
@@ -104,8 +113,9 @@ def _launch(nproc: int, args: argparse.Namespace) -> int:
 
     argv = ["train"]
     for k, v in vars(args).items():
-        if k not in ("command", "run") and v is not None:
-            argv += [f"--{k.replace('_', '-')}", str(v)]
+        if k in ("command", "run") or v is None or v is False:
+            continue
+        argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0",
