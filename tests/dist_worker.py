@@ -66,6 +66,37 @@ def scenarios(rank: int, world: int) -> dict:
     return results
 
 
+def agreement(rank: int) -> dict:
+    """A failure on one rank stops the step on every rank; different seeds are refused."""
+    out: dict = {}
+    try:
+        pg.DPEngine(model(), 1.0, max_grad_norm=1.0, expected_batch_size=4.0, seed=rank)
+        out["seeds"] = "accepted"
+    except ValueError as e:
+        out["seeds"] = str(e)
+    net = model()
+    engine = pg.DPEngine(net, 0.0, clipping=rule("flat"), expected_batch_size=GLOBAL_B, seed=3)
+    x, y = data(0)
+    x, y = x[rank::2].clone(), y[rank::2]
+    if rank == 1:
+        x[0, 0, 0] = float("nan")
+    try:
+        engine.accumulate(F.cross_entropy(net(x), y, reduction="none"))
+    except pg.NonFiniteGradientError:
+        out["accumulate"] = "raised"
+    try:
+        engine.step()
+        out["step"] = "taken"
+    except pg.GradientStateError as e:
+        out["step"] = str(e)
+    out["grad_after_failure"] = [p.grad for p in net.parameters()]
+    out["steps_after_failure"] = engine.steps
+    x, y = data(1)  # the ranks carry on in step with each other
+    engine.backward(F.cross_entropy(net(x[rank::2]), y[rank::2], reduction="none"))
+    out["next"] = {n: p.grad.clone() for n, p in net.named_parameters()}
+    return out
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -87,12 +118,12 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         engine.step()
         result["empty"] = {n: p.grad.clone() for n, p in net.named_parameters()}
         # bucketed all-reduce: one call for the whole model; many small buckets also sum right
-        calls = {"n": 0}
+        calls: list[int] = []
         real = dist.all_reduce
 
-        def counting(*args, **kwargs):
-            calls["n"] += 1
-            return real(*args, **kwargs)
+        def counting(tensor, *args, **kwargs):
+            calls.append(tensor.numel())
+            return real(tensor, *args, **kwargs)
 
         dist.all_reduce = counting
         try:
@@ -101,7 +132,8 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             x, y = data(0)
             engine.backward(F.cross_entropy(net(x[rank::world]), y[rank::world],
                                             reduction="none"))
-            result["calls_per_step"] = calls["n"]
+            result["all_reduce_sizes"] = calls
+            result["parameters"] = sum(p.numel() for p in net.parameters())
         finally:
             dist.all_reduce = real
         parts = {"a": torch.full((5,), rank + 1.0), "b": torch.full((3, 7), 2.0 * rank,
@@ -122,6 +154,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             noisy.append({"grad": big.weight.grad.clone(), "noise": trace.noise["weight"],
                           "clipped_sum": trace.clipped_sum["weight"]})
         result["noisy"] = noisy
+        result["agreement"] = agreement(rank)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

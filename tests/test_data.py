@@ -166,3 +166,16 @@ def test_resume_right_after_the_last_batch_of_an_epoch() -> None:
     resumed.load_state_dict(first.state_dict())
     got = head + list(resumed)
     assert len(got) == 8 and all(torch.equal(a, b) for a, b in zip(got, reference, strict=True))
+
+
+def test_tiny_rates_are_not_rounded_up() -> None:
+    """float32 uniforms (multiples of 2^-24) would include each record w.p. >= 6e-8."""
+    sampler = PoissonSampler(2**23, 1e-12, steps_per_epoch=8, seed=0)
+    assert sum(len(idx) for idx in sampler) == 0  # float32: ~4 expected, P(0) ≈ 2%
+
+
+def test_derived_seeds_separate_purposes_and_ranks() -> None:
+    from privgrad.data import derived_seed
+
+    seeds = {derived_seed(0, "sampler", r) for r in range(4)} | {derived_seed(0, "clients"), 0}
+    assert len(seeds) == 6 and all(0 <= s < 2**63 for s in seeds)

@@ -72,7 +72,9 @@ def test_empty_batch_on_one_rank(ranks):
 
 
 def test_clipped_sums_travel_in_buckets(ranks):
-    assert ranks[0]["calls_per_step"] == 1  # 8 parameters, one all-reduce
+    sizes = ranks[0]["all_reduce_sizes"]  # engine construction and one step
+    big = [n for n in sizes if n > 4]  # the rest: seed and step agreement (2-4 integers)
+    assert big == [ranks[0]["parameters"]]  # 8 parameter tensors, one all-reduce
     got = ranks[0]["buckets"]
     assert torch.equal(got["a"], torch.full((5,), 3.0))
     assert torch.equal(got["b"], torch.full((3, 7), 2.0, dtype=torch.float64))
@@ -91,3 +93,20 @@ def test_noise_is_added_once_and_identical_on_every_rank(ranks):
     assert not torch.equal(a[0]["noise"], a[1]["noise"])  # a fresh shared seed each step
     assert math.isclose(float((a[0]["grad"] - a[0]["clipped_sum"] / 8).std()),
                         1.5 * 0.7 / 8, rel_tol=0.03)
+
+
+def test_a_failure_on_one_rank_stops_the_step_everywhere(ranks):
+    a, b = ranks[0]["agreement"], ranks[1]["agreement"]
+    assert "different noise seeds" in a["seeds"] and "different noise seeds" in b["seeds"]
+    assert b["accumulate"] == "raised" and "accumulate" not in a
+    assert "failed on another rank" in a["step"] and "failed on another rank" in b["step"]
+    for r in (a, b):
+        assert all(g is None for g in r["grad_after_failure"]) and r["steps_after_failure"] == 0
+    net = w.model()  # the next step is the ordinary one over both ranks' samples
+    engine = pg.DPEngine(net, 0.0, clipping=w.rule("flat"), expected_batch_size=w.GLOBAL_B,
+                         seed=3)
+    x, y = w.data(1)
+    engine.backward(F.cross_entropy(net(x), y, reduction="none"))
+    want = {n: p.grad for n, p in net.named_parameters()}
+    close(a["next"], want)
+    close(b["next"], want)

@@ -123,5 +123,7 @@ def test_state_dict_round_trip_and_errors():
     bad[1]["w"][0, 0] = float("nan")
     with pytest.raises(ValueError, match="update 1 has a NaN"):
         a.aggregate(bad)
+    with pytest.raises(ValueError, match="not floating point"):
+        a.aggregate([{"w": torch.zeros(2), "steps": torch.tensor([3])}])
     with pytest.raises(ValueError, match="update 1 does not have"):
         a.aggregate([updates(1)[0], {"w": torch.zeros(2)}])

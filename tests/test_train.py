@@ -7,6 +7,9 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +193,29 @@ def test_two_processes(tmp_path: Path) -> None:
     assert len(rows) == 6 and 300 < sum(r["batch_size"] for r in rows) / 6 < 660  # E = 480
     assert two["test_accuracy"] > 0.3
     assert main(["train", "--resume", str(out)]) == 0  # finished: rewrites the summary only
+
+
+def test_ctrl_c_on_two_processes_checkpoints_and_resumes(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C (SIGINT to the whole process group) under --nproc 2."""
+    args = ["--seed", "0", "--batch-size", "480", "--epochs", "20", "--nproc", "2"]
+    through, summary = _run(tmp_path, *args[4:], "--epochs", "20", name="through")
+    out = tmp_path / "ctrl-c"
+    cmd = [sys.executable, "-m", "privgrad.cli", "train", *args, "--out", str(out)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, text[-2000:]
+    assert "interrupted after step" in text
+    steps = checkpoint.load(out / "checkpoint.pt")["engine"]["steps"]
+    assert 5 <= steps < 60 and len(metrics.read_text().splitlines()) == steps
+    assert main(["train", "--resume", str(out)]) == 0
+    a, b = checkpoint.load(through / "checkpoint.pt"), checkpoint.load(out / "checkpoint.pt")
+    assert a["engine"]["ledger"] == b["engine"]["ledger"]
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["epsilon"] == summary["epsilon"] and resumed["steps"] == 60

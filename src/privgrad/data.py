@@ -29,6 +29,7 @@ Formal guarantees:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterator
@@ -39,6 +40,16 @@ import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from privgrad.accounting.validation import check_sample_rate
+
+
+def derived_seed(seed: int, *purpose: object) -> int:
+    """A 63-bit seed for one purpose (e.g. ``"sampler", rank``) derived from a user seed.
+
+    Streams derived for different purposes are unrelated, so one ``--seed`` can drive the
+    sampling of every rank and the noise without reusing a random stream.
+    """
+    text = repr((int(seed), *purpose)).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
 
 
 def _generator(seed: int | None) -> torch.Generator:
@@ -125,8 +136,9 @@ class PoissonSampler:
         self.position = 0  # logical batches drawn in the current epoch
         rank, size = self.shard
         self._members = torch.arange(rank, self.num_samples, size)
-        # ranks must draw independently: one seed would tie record i of each shard together
-        self._gen = _generator(None if seed is None else seed + rank * 0x9E3779B97F4A7C15 % 2**62)
+        # ranks must draw independently (one seed would tie record i of each shard together),
+        # and apart from the engine's noise even when both are given the same seed
+        self._gen = _generator(None if seed is None else derived_seed(seed, "sampler", rank))
 
     @property
     def expected_batch_size(self) -> float:
@@ -140,7 +152,10 @@ class PoissonSampler:
         if self.position >= self.steps_per_epoch:  # stopped right after an epoch's last batch
             self.position = 0
         while self.position < self.steps_per_epoch:
-            mask = torch.rand(len(self._members), generator=self._gen) < self.sample_rate
+            # float64 uniforms: float32 ones are multiples of 2^-24, which would raise the
+            # real inclusion rate above q for small q
+            u = torch.rand(len(self._members), generator=self._gen, dtype=torch.float64)
+            mask = u < self.sample_rate
             self.position += 1
             yield self._members[mask]
         self.position = 0

@@ -132,3 +132,19 @@ def sum_scalar(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item())
+
+
+def all_equal(values: list[int], device: torch.device) -> bool:
+    """Whether every rank passed the same integers (one small all-reduce).
+
+    Args:
+        values: This rank's integers (the same count on every rank).
+        device: Where the reduction happens (a CUDA device for NCCL).
+
+    Returns:
+        ``True`` on every rank if all ranks' values agree, ``False`` on every rank if not.
+    """
+    t = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    n = len(values)
+    return bool((t[:n] == -t[n:]).all())

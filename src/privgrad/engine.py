@@ -114,7 +114,15 @@ class DPEngine:
         self.distributed = distributed.is_distributed()
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
         entropy = (lambda: distributed.shared_seed(self._device)) if self.distributed else None
+        if self.distributed and not distributed.all_equal(
+                [seed is None, 0 if seed is None else int(seed)], self._device):
+            raise ValueError(
+                "privgrad: the ranks were given different noise seeds (e.g. seed=base + rank): "
+                "their noise and p.grad would differ and the replicas drift apart. Fix: the "
+                "same seed on every rank, or seed=None (a fresh seed is shared each step)."
+            )
         self.noise = NoiseSource(seed, entropy)
+        self._failed = False  # a physical batch of this step raised (distributed agreement)
         self.self_check = self_check
         self.sample_rate = None if sample_rate is None else check_sample_rate(sample_rate)
         self.ledger = PrivacyLedger()
@@ -179,6 +187,15 @@ class DPEngine:
         Returns:
             The number of samples accumulated so far in this logical step.
         """
+        try:
+            return self._accumulate(losses, keep, retain)
+        except Exception:
+            self._failed = True  # under torch.distributed every rank then refuses this step
+            raise
+
+    def _accumulate(
+        self, losses: torch.Tensor, keep: Iterable[str] | str, retain: bool
+    ) -> int:
         keep = _check_keep(keep)
         losses = guards.check_losses(losses)
         trainable = {n: p for n, p in self._params.items() if p.requires_grad}
@@ -231,16 +248,25 @@ class DPEngine:
             ``private_grad``).
         """
         pending, self._pending = self._pending, []
+        failed, self._failed = self._failed, False
         trainable = {n: p for n, p in self._params.items() if p.requires_grad}
-        if pending and set(trainable) != set(pending[0][1].layer_sq):
-            raise GradientStateError(
-                "privgrad: the set of trainable parameters changed between accumulate() and "
-                "step(); the accumulated physical batches were clipped with the old set, so "
-                "they are discarded and no step is taken. Fix: freeze or unfreeze parameters "
-                "between logical steps only, then accumulate again."
+        problem: Exception | None = None
+        try:
+            self._check_step(pending, trainable)
+        except GradientStateError as e:
+            problem = e
+        if self.distributed and not distributed.all_equal(
+                [int(failed or problem is not None), self.steps], self._device):
+            problem = problem or GradientStateError(
+                f"privgrad: step {self.steps + 1} failed on another rank (or the ranks are at "
+                "different steps), so no rank takes it: every rank discards this logical "
+                "step's batches and p.grad is not written. Fix: see the other rank's error; "
+                "every rank must call step() once per logical step, also after a failed "
+                "accumulate()."
             )
+        if problem is not None:
+            raise problem
         if not pending:
-            self._grads.check(trainable)
             empty = clip_batch([], self._names, trainable, self.plan, 0, self.mode)
             pending = [(Segment(0, 0, [], {}, {}), empty)]
         results = [r for _, r in pending]
@@ -271,6 +297,18 @@ class DPEngine:
             _names=self._names,
             _shapes={n: p.shape for n, p in trainable.items()},
         )
+
+    def _check_step(self, pending: list, trainable: dict[str, nn.Parameter]) -> None:
+        """Raises ``GradientStateError`` if this step must not be taken on this rank."""
+        if pending and set(trainable) != set(pending[0][1].layer_sq):
+            raise GradientStateError(
+                "privgrad: the set of trainable parameters changed between accumulate() and "
+                "step(); the accumulated physical batches were clipped with the old set, so "
+                "they are discarded and no step is taken. Fix: freeze or unfreeze parameters "
+                "between logical steps only, then accumulate again."
+            )
+        if not pending:
+            self._grads.check(trainable)
 
     def _record_step(self, norms: torch.Tensor) -> None:
         self.steps += 1

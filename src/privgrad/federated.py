@@ -34,6 +34,7 @@ import torch
 from privgrad.accounting import PrivacyLedger, shared_sample_step
 from privgrad.accounting.validation import check_sample_rate
 from privgrad.clipping import Adaptive, adaptive_next, clip_factors
+from privgrad.data import derived_seed
 from privgrad.noise import NoiseSource
 
 Update = Mapping[str, torch.Tensor]
@@ -137,11 +138,12 @@ class DPFedAvg:
         self.rounds = 0
         self._sampler = torch.Generator()
         self._sampler.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1
-                                  if seed is None else seed + 1)
+                                  if seed is None else derived_seed(seed, "clients"))
 
     def sample(self) -> list[int]:
         """This round's clients: each joins independently with probability ``q``."""
-        mask = torch.rand(self.num_clients, generator=self._sampler) < self.sample_rate
+        u = torch.rand(self.num_clients, generator=self._sampler, dtype=torch.float64)
+        mask = u < self.sample_rate
         return mask.nonzero().flatten().tolist()
 
     def aggregate(self, updates: Sequence[Update], like: Update | None = None) -> RoundResult:
@@ -164,6 +166,13 @@ class DPFedAvg:
                 "sampled: it still releases noise and counts in the ledger."
             )
         names = list(template)
+        ints = [n for n in names if not template[n].is_floating_point()]
+        if ints:
+            raise ValueError(
+                f"privgrad.federated: update tensors {ints} are not floating point (buffers "
+                "such as num_batches_tracked or position ids?). Fix: aggregate the trainable "
+                "floating-point weights only and keep the others from the global model."
+            )
         for i, u in enumerate(updates):
             if list(u) != names or any(u[n].shape != template[n].shape for n in names):
                 raise ValueError(f"privgrad.federated: update {i} does not have the names and "

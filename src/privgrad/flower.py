@@ -70,7 +70,7 @@ class DPFedAvgStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Samples each node with probability ``q`` and sends it the global model."""
-        self._global = arrays.to_torch_state_dict()
+        self._global = arrays.to_torch_state_dict()  # integer buffers pass through unchanged
         nodes = sorted(grid.get_node_ids())
         if len(nodes) != self.aggregator.num_clients:
             raise ValueError(
@@ -89,12 +89,13 @@ class DPFedAvgStrategy(FedAvg):
         """Global weights + DP-FedAvg aggregate of the clients' updates; ε in the metrics."""
         replies = list(replies)
         valid = [m for m in replies if not m.has_error()]
+        floats = {n: g for n, g in self._global.items() if g.is_floating_point()}
         updates = []
         for m in valid:
             weights = m.content[self.arrayrecord_key].to_torch_state_dict()
-            updates.append({n: weights[n].to(g.dtype) - g for n, g in self._global.items()})
-        result = self.aggregator.aggregate(updates, like=self._global)
-        new = {n: g + result.update[n] for n, g in self._global.items()}
+            updates.append({n: weights[n].to(g.dtype) - g for n, g in floats.items()})
+        result = self.aggregator.aggregate(updates, like=floats)
+        new = {n: g + result.update[n] if n in floats else g for n, g in self._global.items()}
         metrics = MetricRecord({
             "epsilon": self.aggregator.epsilon(self.delta),
             "clients": result.clients,

@@ -43,6 +43,11 @@ def save(path: Path, state: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:  # make the rename itself durable: no fall-back to the old file after a crash
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def load(path: Path) -> dict[str, Any]:

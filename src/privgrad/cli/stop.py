@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from typing import Any
 
@@ -12,8 +13,11 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class StopFlag:
     """Within ``with StopFlag() as stop:``, the first signal sets ``stop.requested``.
 
-    A second signal stops at once (``KeyboardInterrupt``). Outside the main thread no
-    handler can be installed and the flag stays ``False``.
+    A second signal stops at once (``KeyboardInterrupt``), except in a process started by
+    torch's elastic launcher (``--nproc``): a terminal's Ctrl-C reaches the worker and the
+    launcher, which forwards it again, so repeats are ignored there (the launcher kills
+    the workers itself if they do not finish within its shutdown timeout). Outside the
+    main thread no handler can be installed and the flag stays ``False``.
     """
 
     def __init__(self) -> None:
@@ -21,7 +25,7 @@ class StopFlag:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self.requested and "TORCHELASTIC_RUN_ID" not in os.environ:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -32,5 +36,8 @@ class StopFlag:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # a stopping elastic worker keeps ignoring the launcher's repeated signals until it
+        # has exited (a KeyboardInterrupt during its shutdown can hang the process)
+        keep_ignoring = self.requested and "TORCHELASTIC_RUN_ID" in os.environ
         for s, previous in self._previous.items():
-            signal.signal(s, previous)
+            signal.signal(s, signal.SIG_IGN if keep_ignoring else previous)

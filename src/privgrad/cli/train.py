@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import uuid
 from dataclasses import fields, replace
 from pathlib import Path
@@ -108,6 +109,7 @@ def _launch(nproc: int, args: argparse.Namespace) -> int:
     (c10d rendezvous on localhost); each process runs ``privgrad train`` with the same
     options and finds its rank in the environment.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -125,6 +127,8 @@ def _launch(nproc: int, args: argparse.Namespace) -> int:
     except ChildFailedError as e:
         failed = {f.exitcode for f in e.failures.values()}
         return 130 if failed == {130} else 1
+    except SignalException:  # Ctrl-C / SIGTERM: the workers checkpointed and stopped
+        return 130
     return max(codes.values())
 
 
@@ -132,4 +136,9 @@ def _worker(argv: list[str]) -> int:
     """One process of ``--nproc N`` (its rank comes from the launcher's environment)."""
     from privgrad.cli import main
 
-    return main(argv)
+    code = main(argv)
+    if code == 130:  # stopped by a signal, checkpoint on disk: leave before any teardown
+        sys.stdout.flush()  # that could wait on the launcher shutting down around us
+        sys.stderr.flush()
+        os._exit(130)
+    return code
