@@ -92,7 +92,8 @@ def run(rounds: int = 8, epsilon: float = 3.0, delta: float = 1e-5, local_epochs
     sample_eps = max(m.get("client_sample_epsilon_max", 0.0) for m in per_round.values())
     return {"test_accuracy": acc, "client_level_epsilon": aggregator.epsilon(delta),
             "sample_level_epsilon": sample_eps, "sample_level_budget": epsilon,
-            "local_noise_multiplier": sigma, "rounds": per_round}
+            "local_noise_multiplier": sigma, "rounds": per_round,
+            "most_rounds_joined": max(strategy.rounds_joined.values(), default=0)}
 
 
 if __name__ == "__main__":

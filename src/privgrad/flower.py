@@ -65,6 +65,8 @@ class DPFedAvgStrategy(FedAvg):
         self.aggregator = aggregator
         self.delta = check_delta(delta)
         self._global: dict[str, torch.Tensor] = {}
+        # node id → the number of rounds that node was sampled into (not private)
+        self.rounds_joined: dict[int, int] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -80,8 +82,11 @@ class DPFedAvgStrategy(FedAvg):
             )
         config["server-round"] = server_round
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=nodes[i])
-                for i in self.aggregator.sample()]
+        chosen = [nodes[i] for i in self.aggregator.sample()]
+        for node in chosen:
+            self.rounds_joined[node] = self.rounds_joined.get(node, 0) + 1
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+                for node in chosen]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
