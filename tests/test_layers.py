@@ -1,5 +1,7 @@
 """Every layer family and the functional fallback against the batch-size-1 loop, in float64."""
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -245,3 +247,53 @@ def test_linear_norm_formulas_equal_materialised(B, T, d, p, strategy):
     G = torch.randn(B, T, p, dtype=torch.double)
     want = {k: v.flatten(1).square().sum(1) for k, v in rules.per_sample_grads(m, A, G).items()}
     assert_close(rules.squared_norms(m, A, G, strategy), want)
+
+
+# ---- batch chunks: per-sample norms through large intermediates run a few samples at a time
+
+
+@settings(max_examples=25)
+@given(cfg=conv_cfg, mode=st.sampled_from(["ghost", "auto"]))
+def test_conv_norms_in_chunks_of_one_sample(cfg, mode):
+    from privgrad.per_sample import chunks
+
+    conv_t = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg["dim"]]
+    stride = 1 if cfg["padding"] == "same" else cfg["stride"]
+    g = cfg["groups"]
+    m = conv_t(g * cfg["cin_per_group"], g * cfg["cout_per_group"], cfg["k"], stride=stride,
+               padding=cfg["padding"], dilation=cfg["dilation"], groups=g, bias=cfg["bias"],
+               padding_mode=cfg["padding_mode"])
+    size = 5 if cfg["dim"] < 3 else 4
+    with mock.patch.object(chunks, "CHUNK_ELEMENTS", 1):  # every chunk is one sample
+        check(m, torch.randn(cfg["B"] + 1, g * cfg["cin_per_group"], *([size] * cfg["dim"])),
+              mode)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.LayerNorm([3, 4]), (3, 5, 3, 4)),
+    (lambda: nn.GroupNorm(2, 4), (3, 4, 5)),
+    (lambda: nn.InstanceNorm2d(3, affine=True), (3, 3, 4, 4)),
+    (lambda: nn.RMSNorm(4), (3, 5, 4)),
+])
+def test_normalization_in_chunks(make, shape):
+    from privgrad.per_sample import chunks
+
+    model = nn.Sequential(nn.Linear(shape[-1], shape[-1]), make())
+    with mock.patch.object(chunks, "CHUNK_ELEMENTS", 2 * shape[-1]):  # uneven chunks
+        check(model, torch.randn(*shape), "auto")
+
+
+def test_chunked_concatenation_is_the_whole():
+    from privgrad.per_sample import chunks
+
+    x = torch.randn(7, 3)
+    with mock.patch.object(chunks, "CHUNK_ELEMENTS", 10):
+        assert chunks.chunk_size(7, 3) == 3 and chunks.chunk_size(7, 11) == 1
+        calls = []
+        got = chunks.per_sample_chunked(lambda s: calls.append(s) or x[s].sum(1), 7, 3)
+        assert [(s.start, s.stop) for s in calls] == [(0, 3), (3, 6), (6, 7)]
+        torch.testing.assert_close(got, x.sum(1))
+        got = chunks.per_sample_chunked(lambda s: {"a": x[s], "b": x[s, 0]}, 7, 3)
+        torch.testing.assert_close(got["a"], x)
+        torch.testing.assert_close(got["b"], x[:, 0])
+    assert chunks.chunk_size(7, 3) == 7

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privgrad.per_sample import autotune
+from privgrad.per_sample import autotune, chunks
 from privgrad.per_sample.registry import LayerRule, register
 
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -126,30 +126,39 @@ def squared_norms(
     p = module.out_channels // g
     flat = len(module.kernel_size) < 3
 
-    def ghost() -> torch.Tensor:
-        cols = _unfolded(module, A).reshape(B * g, d, L)
-        Gg = G.reshape(B * g, p, L)
+    def ghost(s: slice) -> torch.Tensor:
+        b = len(range(*s.indices(B)))
+        cols = _unfolded(module, A[s]).reshape(b * g, d, L)
+        Gg = G[s].reshape(b * g, p, L)
         gram = torch.bmm(cols.transpose(1, 2), cols) * torch.bmm(Gg.transpose(1, 2), Gg)
-        return gram.sum((1, 2)).view(B, g).sum(1)
+        return gram.sum((1, 2)).view(b, g).sum(1)
 
-    def grouped() -> torch.Tensor:
-        return _weight_grad(module, A, G, folds=B).view(B, -1).square().sum(1)
+    def grouped(s: slice) -> torch.Tensor:
+        b = len(range(*s.indices(B)))
+        return _weight_grad(module, A[s], G[s], folds=b).view(b, -1).square().sum(1)
 
-    def unfold() -> torch.Tensor:
-        cols = _unfolded(module, A).reshape(B * g, d, L)
-        return torch.bmm(G.reshape(B * g, p, L), cols.transpose(1, 2)).view(B, -1).square().sum(1)
+    def unfold(s: slice) -> torch.Tensor:
+        b = len(range(*s.indices(B)))
+        cols = _unfolded(module, A[s]).reshape(b * g, d, L)
+        grads = torch.bmm(G[s].reshape(b * g, p, L), cols.transpose(1, 2))
+        return grads.view(b, -1).square().sum(1)
 
+    sizes = {"ghost": g * (d * L + 2 * L * L), "grouped": g * p * d, "unfold": g * (d * L + p * d)}
+    candidates = {
+        name: (lambda fn=fn, n=sizes[name]: chunks.per_sample_chunked(fn, B, n))
+        for name, fn in (("ghost", ghost), ("grouped", grouped), ("unfold", unfold))
+    }
     if B == 0:
         w = G.new_zeros(0)
     elif strategy == "ghost" and flat:
-        w = ghost()
+        w = candidates["ghost"]()
     elif strategy == "measure" and flat:
         key = ("conv", module.kernel_size, module.stride, module.dilation, module.padding,
                module.padding_mode, module.groups, tuple(A.shape[1:]), tuple(G.shape[1:]),
                A.dtype, A.device.type, autotune.batch_bucket(B))
-        w = autotune.fastest(key, {"ghost": ghost, "grouped": grouped, "unfold": unfold})
+        w = autotune.fastest(key, candidates)
     else:
-        w = ghost() if flat and 2 * L * L < d * p else grouped()
+        w = candidates["ghost" if flat and 2 * L * L < d * p else "grouped"]()
     out = {"weight": w}
     if module.bias is not None:
         out["bias"] = G.flatten(2).sum(dim=2).square().sum(1)
@@ -159,13 +168,21 @@ def squared_norms(
 def clipped_sum(
     module: _Conv, A: torch.Tensor, G: torch.Tensor, factors: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """``sum_i f_i g_i``: one ordinary weight-gradient call on ``f ⊙ G``."""
-    shape = (-1, *([1] * (G.dim() - 1)))
+    """``sum_i f_i g_i``: one ordinary weight-gradient call with each sample scaled by ``f_i``.
+
+    The gradient is bilinear in each sample's ``(A_i, G_i)``, so the factor scales
+    whichever of the two is smaller.
+    """
     out = {}
     if "weight" in factors:
-        out["weight"] = _weight_grad(module, A, G * factors["weight"].to(G.dtype).view(shape), 1)
+        f = factors["weight"].view(-1, *([1] * (A.dim() - 1)))
+        if A.numel() < G.numel():
+            out["weight"] = _weight_grad(module, A * f.to(A.dtype), G, 1)
+        else:
+            out["weight"] = _weight_grad(module, A, G * f.to(G.dtype), 1)
     if "bias" in factors:
-        out["bias"] = (G * factors["bias"].to(G.dtype).view(shape)).flatten(2).sum((0, 2))
+        per_sample = G.flatten(2).sum(2)  # (B, C_out)
+        out["bias"] = factors["bias"].to(G.dtype) @ per_sample
     return out
 
 

@@ -9,11 +9,30 @@ every axis the parameter is broadcast along.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from privgrad.per_sample import chunks
 from privgrad.per_sample.registry import LayerRule, register
+
+
+def _chunked(
+    rule: Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+    """Runs a rule over batch chunks: ``x̂`` and ``G * x̂`` are as large as the input."""
+
+    @functools.wraps(rule)
+    def chunked(module: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
+        if A.shape[0] == 0:
+            return rule(module, A, G)
+        return chunks.per_sample_chunked(
+            lambda s: rule(module, A[s], G[s]), A.shape[0], 2 * A[0].numel())
+
+    return chunked
 
 
 def _affine(
@@ -85,9 +104,9 @@ def instance_norm(module: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict[s
     return _affine(module, xhat, G, 1, leading=True)
 
 
-register(LayerRule(nn.LayerNorm, layer_norm))
-register(LayerRule(nn.GroupNorm, group_norm))
+register(LayerRule(nn.LayerNorm, _chunked(layer_norm)))
+register(LayerRule(nn.GroupNorm, _chunked(group_norm)))
 for _t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
-    register(LayerRule(_t, instance_norm))
+    register(LayerRule(_t, _chunked(instance_norm)))
 if hasattr(nn, "RMSNorm"):
-    register(LayerRule(nn.RMSNorm, rms_norm))
+    register(LayerRule(nn.RMSNorm, _chunked(rms_norm)))

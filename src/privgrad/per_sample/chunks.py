@@ -1,0 +1,50 @@
+"""Per-sample reductions over batch chunks that stay small.
+
+A per-sample norm that goes through a large intermediate (an im2col matrix ``(B, d, L)``,
+per-sample gradients ``(B, p, d)``, Gram matrices ``(B, L, L)``) is computed a chunk of
+samples at a time, so that the intermediate never exceeds ``CHUNK_ELEMENTS`` elements.
+The result is exactly the same (each sample's value depends on that sample alone); it is
+faster on CPU, where a freshly allocated tensor of tens of MB costs a page fault per 4 KB
+page on every step, while a few-MB one is reused from the heap and stays in cache; and it
+bounds the extra memory of a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+Out = TypeVar("Out", torch.Tensor, dict[str, torch.Tensor])
+
+CHUNK_ELEMENTS = 1 << 19
+"""Largest intermediate per chunk, in elements (2 MiB of float32)."""
+
+
+def chunk_size(batch_size: int, elements_per_sample: int) -> int:
+    """Samples per chunk so that ``chunk · elements_per_sample <= CHUNK_ELEMENTS`` (>= 1)."""
+    return max(1, min(int(batch_size), CHUNK_ELEMENTS // max(1, int(elements_per_sample))))
+
+
+def per_sample_chunked(
+    fn: Callable[[slice], Out], batch_size: int, elements_per_sample: int
+) -> Out:
+    """Concatenates ``fn(chunk)`` over batch chunks.
+
+    Args:
+        fn: Maps a slice of sample indices to that chunk's per-sample values: a tensor
+            ``(b, ...)`` or a dict of them.
+        batch_size: ``B``.
+        elements_per_sample: Size of ``fn``'s largest intermediate per sample.
+
+    Returns:
+        ``(B, ...)`` values (or a dict of them), identical to ``fn(slice(0, B))``.
+    """
+    step = chunk_size(batch_size, elements_per_sample)
+    if step >= batch_size:
+        return fn(slice(0, batch_size))
+    parts = [fn(slice(s, min(s + step, batch_size))) for s in range(0, batch_size, step)]
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+    return torch.cat(parts)
