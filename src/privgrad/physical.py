@@ -69,7 +69,7 @@ def clip_batch(
     """
     B = batch_size
     materialize_all = mode in ("materialize", "vmap") or bool(keep)
-    ghost_ios, dense_ios = ([], ios) if materialize_all else ghost.split(ios, names)
+    ghost_ios, dense_ios = ([], ios) if materialize_all else ghost.split(ios, names, B)
     if B > 0:
         psg = per_sample_grads(dense_ios, names, B)
     else:

@@ -73,6 +73,10 @@ def _weight_grad(module: _Conv, A: torch.Tensor, G: torch.Tensor, folds: int) ->
 def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample gradients of a convolution.
 
+    By the convolution weight-gradient kernel with the batch folded into the groups, or
+    (1d/2d) as ``G Aᵀ`` on the unfolded input in batch chunks, whichever was measured
+    faster for this layer shape.
+
     Args:
         module: The layer.
         A: Input, shape ``(B, C_in, *spatial)``.
@@ -81,9 +85,29 @@ def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[st
     Returns:
         ``{"weight": (B, C_out, C_in / groups, *kernel), "bias": (B, C_out)}``.
     """
-    B = A.shape[0]
-    grad_w = _weight_grad(module, A, G, folds=B)
-    out = {"weight": grad_w.view(B, *module.weight.shape)}
+    B, g = A.shape[0], module.groups
+    L, d, p = G[0, 0].numel(), module.weight[0].numel(), module.out_channels // g
+
+    def grouped() -> torch.Tensor:
+        return _weight_grad(module, A, G, folds=B).view(B, *module.weight.shape)
+
+    def unfold() -> torch.Tensor:
+        def chunk(s: slice) -> torch.Tensor:
+            b = len(range(*s.indices(B)))
+            cols = _unfolded(module, A[s]).reshape(b * g, d, L)
+            grads = torch.bmm(G[s].reshape(b * g, p, L), cols.transpose(1, 2))
+            return grads.view(b, *module.weight.shape)
+
+        return chunks.per_sample_chunked(chunk, B, g * d * L)
+
+    if B == 0 or len(module.kernel_size) == 3:
+        weight = grouped()
+    else:
+        key = ("conv-grads", module.kernel_size, module.stride, module.dilation, module.padding,
+               module.padding_mode, g, tuple(A.shape[1:]), tuple(G.shape[1:]), A.dtype,
+               A.device.type, autotune.batch_bucket(B))
+        weight = autotune.fastest(key, {"grouped": grouped, "unfold": unfold})
+    out = {"weight": weight}
     if module.bias is not None:
         out["bias"] = G.flatten(2).sum(dim=2)
     return out

@@ -1,10 +1,14 @@
 """Book-keeping without per-sample gradients: ghost norms and one-matmul clipped sums.
 
 A recorded call goes through this path when its rule has ``squared_norms`` and
-``clipped_sum`` and each of its parameters is used by that call alone in the step (a tied
+``clipped_sum``, each of its parameters is used by that call alone in the step (a tied
 parameter, or a module called twice, needs the per-sample sum of its contributions before
-the norm, so it is materialised instead). Per-sample gradients are still available from
-the trace: they are materialised lazily from the same recorded ``A`` and ``G``.
+the norm, so it is materialised instead), and its per-sample gradients would be large.
+Small per-sample gradients (``B × parameters <= DENSE_ELEMENTS``) are materialised: they
+cost at most the layer's weight-gradient FLOPs once, and their clipped sum is then a cheap
+weighted sum, where book-keeping pays the norm and then the weight gradient again.
+Per-sample gradients are still available from the trace: they are materialised lazily
+from the same recorded ``A`` and ``G``.
 """
 
 from __future__ import annotations
@@ -15,9 +19,20 @@ import torch
 
 from privgrad.per_sample.batch import LayerIO
 
+DENSE_ELEMENTS = 1 << 20
+"""Per-sample gradients of at most this many elements (``B`` × the call's parameters,
+4 MiB of float32) are materialised rather than book-kept."""
 
-def split(ios: list[LayerIO], names: dict[int, str]) -> tuple[list[LayerIO], list[LayerIO]]:
-    """Separates the calls that can skip materialisation from those that cannot.
+
+def split(
+    ios: list[LayerIO], names: dict[int, str], batch_size: int
+) -> tuple[list[LayerIO], list[LayerIO]]:
+    """Separates the calls that are book-kept from those whose gradients are materialised.
+
+    Args:
+        ios: The recorded calls.
+        names: ``id(parameter) -> name``.
+        batch_size: ``B``.
 
     Returns:
         ``(ghost calls, calls to materialise)``.
@@ -25,10 +40,12 @@ def split(ios: list[LayerIO], names: dict[int, str]) -> tuple[list[LayerIO], lis
     uses = Counter(names[id(p)] for io in ios for p in io.call.unit.params.values())
     ghost, dense = [], []
     for io in ios:
+        params = io.call.unit.params.values()
         rule = io.call.unit.rule
-        alone = all(uses[names[id(p)]] == 1 for p in io.call.unit.params.values())
+        alone = all(uses[names[id(p)]] == 1 for p in params)
         ok = rule is not None and rule.squared_norms is not None and rule.clipped_sum is not None
-        (ghost if ok and alone else dense).append(io)
+        small = batch_size * sum(p.numel() for p in params if p.requires_grad) <= DENSE_ELEMENTS
+        (ghost if ok and alone and not small else dense).append(io)
     return ghost, dense
 
 
