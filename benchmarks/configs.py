@@ -5,6 +5,9 @@ doing one full training step (forward, backward, optimizer step, zero_grad) and 
 ``close()`` callable. All use SGD, σ = 1.0, C = 1.0 and expected batch size = B.
 
 - ``non-private``: ``losses.mean().backward()``.
+- ``non-private + noise``: the same, plus drawing the Gaussian noise of a DP step for every
+  parameter (``normal_`` with PyTorch's CPU generator, as privgrad and Opacus draw it) and
+  adding it to the gradient: the floor under any DP-SGD step that uses PyTorch's sampler.
 - ``privgrad <mode>``: ``DPEngine(model, ..., mode=<mode>)``; ``engine.backward(losses)``.
   Construction raising ``ValueError`` (e.g. a mode this build does not have) makes the
   configuration "n/a".
@@ -37,6 +40,7 @@ LR = 0.01
 
 CONFIGS = (
     "non-private",
+    "non-private + noise",
     "privgrad auto",
     "privgrad ghost",
     "privgrad materialize",
@@ -66,6 +70,8 @@ def build(config: str, spec: Spec, base: nn.Module, x: torch.Tensor, y: torch.Te
     B = x.shape[0]
     if config == "non-private":
         return _non_private(spec, model, x, y)
+    if config == "non-private + noise":
+        return _non_private(spec, model, x, y, noise=True)
     if config.startswith("privgrad "):
         return _privgrad(config.split(" ", 1)[1], spec, model, x, y, B)
     if config == "opacus hooks":
@@ -75,11 +81,18 @@ def build(config: str, spec: Spec, base: nn.Module, x: torch.Tensor, y: torch.Te
     raise KeyError(config)
 
 
-def _non_private(spec: Spec, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Runner:
+def _non_private(
+    spec: Spec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: bool = False
+) -> Runner:
     opt = torch.optim.SGD(model.parameters(), lr=LR)
+    gen = torch.Generator().manual_seed(0)
+    std = SIGMA * CLIP / x.shape[0]
 
     def step() -> None:
         spec.loss(model(x), y).mean().backward()
+        if noise:
+            for p in model.parameters():
+                p.grad += torch.empty_like(p).normal_(0.0, std, generator=gen)
         opt.step()
         opt.zero_grad()
 

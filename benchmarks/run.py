@@ -349,7 +349,10 @@ def markdown(results: dict, info: dict, args: argparse.Namespace, wall_s: float)
         "size = B, and fixed-size batches of random data (the same batch and the same initial "
         "weights for every configuration). One step = forward + backward (private gradient) "
         "+ `optimizer.step()` + `zero_grad()`.",
-        "- Configurations: `non-private` = `losses.mean().backward()`; `privgrad <mode>` = "
+        "- Configurations: `non-private` = `losses.mean().backward()`; `non-private + noise` "
+        "= the same plus drawing the DP noise for every parameter with PyTorch's CPU "
+        "Gaussian sampler and adding it (the floor under any DP-SGD step using that "
+        "sampler); `privgrad <mode>` = "
         "`DPEngine(model, ..., mode=<mode>)` + `engine.backward(losses)`; `opacus hooks` = "
         "`GradSampleModule` + `DPOptimizer` (Opacus 1.6, per-sample gradients materialised); "
         "`opacus ghost` = `GradSampleModuleFastGradientClipping(use_ghost_clipping=True)` + "
