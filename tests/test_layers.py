@@ -297,3 +297,38 @@ def test_chunked_concatenation_is_the_whole():
         torch.testing.assert_close(got["a"], x)
         torch.testing.assert_close(got["b"], x[:, 0])
     assert chunks.chunk_size(7, 3) == 7
+
+
+@settings(max_examples=60)
+@given(cfg=conv_cfg)
+def test_im2col_matches_torch_unfold(cfg):
+    """privgrad's strided-view im2col equals F.unfold (1d via a unit height; 3d by a loop)."""
+    import torch.nn.functional as F
+
+    from privgrad.per_sample import conv as rules
+
+    conv_t = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg["dim"]]
+    stride = 1 if cfg["padding"] == "same" else cfg["stride"]
+    g = cfg["groups"]
+    m = conv_t(g * cfg["cin_per_group"], g * cfg["cout_per_group"], cfg["k"], stride=stride,
+               padding=cfg["padding"], dilation=cfg["dilation"], groups=g,
+               padding_mode=cfg["padding_mode"]).double()
+    A = torch.randn(cfg["B"], g * cfg["cin_per_group"], *([5] * cfg["dim"]), dtype=torch.double)
+    got = rules._unfolded(m, A)
+    Ap, pad = rules.padded_input(m, A)
+    k, st, dl = m.kernel_size, m.stride, m.dilation
+    if cfg["dim"] == 1:
+        want = F.unfold(Ap.unsqueeze(2), (1, *k), dilation=(1, *dl), padding=(0, *pad),
+                        stride=(1, *st))
+    elif cfg["dim"] == 2:
+        want = F.unfold(Ap, k, dilation=dl, padding=tuple(pad), stride=st)
+    else:  # one 2d unfold per kernel depth offset and output depth position
+        Ap = F.pad(Ap, [x for p in reversed(pad) for x in (p, p)])
+        out_d = (Ap.shape[2] - dl[0] * (k[0] - 1) - 1) // st[0] + 1
+        per = [[F.unfold(Ap[:, :, z * st[0] + i * dl[0]], k[1:], dilation=dl[1:], stride=st[1:])
+                .view(A.shape[0], A.shape[1], 1, -1, 1, got.shape[-1] // out_d)
+                for z in range(out_d)] for i in range(k[0])]
+        want = torch.cat([torch.cat(row, dim=4) for row in per], dim=2)
+        want = want.reshape(A.shape[0], A.shape[1] * k[0] * k[1] * k[2], -1)
+    assert got.shape[-1] == m(A).shape[2:].numel()
+    torch.testing.assert_close(got.reshape(A.shape[0], -1, got.shape[-1]), want, rtol=0, atol=0)

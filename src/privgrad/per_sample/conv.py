@@ -9,6 +9,8 @@ kernel the non-private backward uses.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,7 +76,7 @@ def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[st
     """Per-sample gradients of a convolution.
 
     By the convolution weight-gradient kernel with the batch folded into the groups, or
-    (1d/2d) as ``G Aᵀ`` on the unfolded input in batch chunks, whichever was measured
+    as ``G Aᵀ`` on the unfolded input in batch chunks, whichever was measured
     faster for this layer shape.
 
     Args:
@@ -100,7 +102,7 @@ def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[st
 
         return chunks.per_sample_chunked(chunk, B, g * d * L)
 
-    if B == 0 or len(module.kernel_size) == 3:
+    if B == 0:
         weight = grouped()
     else:
         key = ("conv-grads", module.kernel_size, module.stride, module.dilation, module.padding,
@@ -113,17 +115,30 @@ def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[st
     return out
 
 
-def _unfolded(module: _Conv, A: torch.Tensor) -> torch.Tensor | None:
-    """Im2col of a 1d/2d input: ``(B, groups, C_in/groups · K, L)``; ``None`` for 3d."""
-    if len(module.kernel_size) == 3:
-        return None
+def _unfolded(module: _Conv, A: torch.Tensor) -> torch.Tensor:
+    """Im2col of a 1d/2d/3d input: ``(B, groups, C_in/groups · K, L)``.
+
+    The patches are a strided view of the padded input (kernel offsets step by the
+    dilation, output positions by the stride), copied once into the layout of
+    ``F.unfold`` (channel, then kernel offsets; positions last); that one copy is several
+    times faster than ``F.unfold``'s kernel on CPU and also covers 3d.
+    """
     A, padding = padded_input(module, A)
-    one = len(module.kernel_size) == 1
-    k, st, dl = (tuple(x) for x in (module.kernel_size, module.stride, module.dilation))
-    if one:
-        A, k, st, dl, padding = A.unsqueeze(2), (1, *k), (1, *st), (1, *dl), [0, *padding]
-    cols = F.unfold(A, k, dilation=dl, padding=tuple(padding), stride=st)
-    return cols.view(A.shape[0], module.groups, -1, cols.shape[-1])
+    if any(padding):
+        A = F.pad(A, [x for p in reversed(padding) for x in (p, p)])
+    A = A.contiguous()
+    n = len(module.kernel_size)
+    B, C, space = A.shape[0], A.shape[1], A.shape[2:]
+    out = [(space[i] - module.dilation[i] * (module.kernel_size[i] - 1) - 1) // module.stride[i] + 1
+           for i in range(n)]
+    strides = A.stride()
+    view = A.as_strided(
+        (B, C, *module.kernel_size, *out),
+        (strides[0], strides[1], *(strides[2 + i] * module.dilation[i] for i in range(n)),
+         *(strides[2 + i] * module.stride[i] for i in range(n))),
+    )
+    L = math.prod(out)
+    return view.reshape(B, module.groups, -1, L)
 
 
 def squared_norms(
@@ -133,10 +148,10 @@ def squared_norms(
 
     With ``L`` output positions, ``d = C_in/groups · K`` and ``p = C_out/groups``:
 
-    * ghost: per group ``⟨A Aᵀ, G Gᵀ⟩`` over positions on the unfolded input (1d/2d);
+    * ghost: per group ``⟨A Aᵀ, G Gᵀ⟩`` over positions on the unfolded input;
     * grouped: the per-sample gradient from one weight-gradient kernel with the batch
       folded into the groups, reduced at once;
-    * unfold: the per-sample gradient as ``G Aᵀ`` with a batched matmul (1d/2d).
+    * unfold: the per-sample gradient as ``G Aᵀ`` with a batched matmul.
 
     ``strategy="cost"`` takes ghost when ``2L² < d·p``, else grouped; ``"measure"`` times
     the candidates once per layer shape and keeps the fastest; ``"ghost"`` forces ghost.
@@ -148,7 +163,6 @@ def squared_norms(
     L = G[0, 0].numel()
     d = module.weight[0].numel()
     p = module.out_channels // g
-    flat = len(module.kernel_size) < 3
 
     def ghost(s: slice) -> torch.Tensor:
         b = len(range(*s.indices(B)))
@@ -174,15 +188,15 @@ def squared_norms(
     }
     if B == 0:
         w = G.new_zeros(0)
-    elif strategy == "ghost" and flat:
+    elif strategy == "ghost":
         w = candidates["ghost"]()
-    elif strategy == "measure" and flat:
+    elif strategy == "measure":
         key = ("conv", module.kernel_size, module.stride, module.dilation, module.padding,
                module.padding_mode, module.groups, tuple(A.shape[1:]), tuple(G.shape[1:]),
                A.dtype, A.device.type, autotune.batch_bucket(B))
         w = autotune.fastest(key, candidates)
     else:
-        w = candidates["ghost" if flat and 2 * L * L < d * p else "grouped"]()
+        w = candidates["ghost" if 2 * L * L < d * p else "grouped"]()
     out = {"weight": w}
     if module.bias is not None:
         out["bias"] = G.flatten(2).sum(dim=2).square().sum(1)

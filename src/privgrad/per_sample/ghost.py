@@ -19,9 +19,9 @@ import torch
 
 from privgrad.per_sample.batch import LayerIO
 
-DENSE_ELEMENTS = 1 << 20
+DENSE_ELEMENTS = 1 << 21
 """Per-sample gradients of at most this many elements (``B`` × the call's parameters,
-4 MiB of float32) are materialised rather than book-kept."""
+8 MiB of float32) are materialised rather than book-kept."""
 
 
 def split(
