@@ -15,7 +15,7 @@ from torch import nn
 
 from privgrad import guards
 from privgrad.clipping import ClipPlan, group_norms
-from privgrad.per_sample import ghost
+from privgrad.per_sample import chunks, ghost
 from privgrad.per_sample.batch import LayerIO, per_sample_grads
 from privgrad.trace import clip
 
@@ -76,7 +76,7 @@ def clip_batch(
         psg = {n: p.new_zeros(0, *p.shape) for n, p in trainable.items()}
     strategy = "measure" if mode == "auto" else "cost"
     layer_sq = ghost.squared_norms(ghost_ios, names, strategy)
-    layer_sq |= {n: _sq_norms(g) for n, g in psg.items()}
+    layer_sq |= {n: chunks.squared_norms(g) for n, g in psg.items()}
     guards.check_complete(trainable, layer_sq)
     layer_sq = {n: layer_sq[n] for n in trainable}
     dtype = next(iter(layer_sq.values())).dtype if layer_sq else torch.float32
@@ -107,10 +107,3 @@ def clip_batch(
         clipped_sum={n: clipped_sum[n] for n in trainable},
         kept=kept,
     )
-
-
-def _sq_norms(g: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared norms of ``(B, ...)``; half precision accumulates in float32."""
-    if g.dtype in (torch.float16, torch.bfloat16):
-        g = g.float()
-    return g.flatten(1).square().sum(1)

@@ -1,4 +1,4 @@
-"""Per-sample reductions over batch chunks that stay small.
+"""Per-sample reductions that never allocate a large intermediate.
 
 A per-sample norm that goes through a large intermediate (an im2col matrix ``(B, d, L)``,
 per-sample gradients ``(B, p, d)``, Gram matrices ``(B, L, L)``) is computed a chunk of
@@ -48,3 +48,17 @@ def per_sample_chunked(
     if isinstance(parts[0], dict):
         return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
     return torch.cat(parts)
+
+
+def squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` sums of squares of each sample's row of ``x (B, ...)``, without a temporary.
+
+    ``x.square().sum(1)`` would allocate a second tensor as large as ``x`` (hundreds of MB
+    for a vocabulary-wide layer's per-sample gradients); a batched dot product of each row
+    with itself does not. Half precision is accumulated in float32.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    B = x.shape[0]
+    rows = x.reshape(B, 1, x[0].numel() if B else 0)
+    return torch.bmm(rows, rows.transpose(1, 2)).view(B)

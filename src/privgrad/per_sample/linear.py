@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from privgrad.per_sample import chunks
 from privgrad.per_sample.registry import LayerRule, register
 
 
@@ -68,7 +69,7 @@ def squared_norms(
     elif strategy == "ghost" or use_ghost_norm(T, d, p):
         w = (torch.bmm(A3, A3.transpose(1, 2)) * torch.bmm(G3, G3.transpose(1, 2))).sum((1, 2))
     else:
-        w = torch.bmm(G3.transpose(1, 2), A3).square().sum((1, 2))
+        w = chunks.squared_norms(torch.bmm(G3.transpose(1, 2), A3))
     out = {"weight": w}
     if module.bias is not None:
         out["bias"] = G3.sum(dim=1).square().sum(1)
