@@ -97,8 +97,12 @@ def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[st
         def chunk(s: slice) -> torch.Tensor:
             b = len(range(*s.indices(B)))
             cols = _unfolded(module, A[s]).reshape(b * g, d, L)
-            grads = torch.bmm(G[s].reshape(b * g, p, L), cols.transpose(1, 2))
-            return grads.view(b, *module.weight.shape)
+            Gs = G[s].reshape(b * g, p, L)
+            if d < p:  # (cols Gᵀ)ᵀ: the batched kernel is faster with the short side first
+                grads = torch.bmm(cols, Gs.transpose(1, 2)).transpose(1, 2)
+            else:
+                grads = torch.bmm(Gs, cols.transpose(1, 2))
+            return grads.reshape(b, *module.weight.shape)
 
         return chunks.per_sample_chunked(chunk, B, g * d * L)
 
@@ -154,7 +158,8 @@ def squared_norms(
     * unfold: the per-sample gradient as ``G Aᵀ`` with a batched matmul.
 
     ``strategy="cost"`` takes ghost when ``2L² < d·p``, else grouped; ``"measure"`` times
-    the candidates once per layer shape and keeps the fastest; ``"ghost"`` forces ghost.
+    the candidates once per layer shape and keeps the fastest (ghost is not timed when it
+    needs over 4× the FLOPs of a materialised gradient); ``"ghost"`` forces ghost.
 
     Returns:
         ``{"weight": (B,), "bias": (B,)}``.
@@ -173,13 +178,13 @@ def squared_norms(
 
     def grouped(s: slice) -> torch.Tensor:
         b = len(range(*s.indices(B)))
-        return _weight_grad(module, A[s], G[s], folds=b).view(b, -1).square().sum(1)
+        return chunks.squared_norms(_weight_grad(module, A[s], G[s], folds=b).view(b, -1))
 
     def unfold(s: slice) -> torch.Tensor:
         b = len(range(*s.indices(B)))
         cols = _unfolded(module, A[s]).reshape(b * g, d, L)
-        grads = torch.bmm(G[s].reshape(b * g, p, L), cols.transpose(1, 2))
-        return grads.view(b, -1).square().sum(1)
+        grads = torch.bmm(cols, G[s].reshape(b * g, p, L).transpose(1, 2))  # transposed
+        return chunks.squared_norms(grads.view(b, -1))
 
     sizes = {"ghost": g * (d * L + 2 * L * L), "grouped": g * p * d, "unfold": g * (d * L + p * d)}
     candidates = {
@@ -194,6 +199,8 @@ def squared_norms(
         key = ("conv", module.kernel_size, module.stride, module.dilation, module.padding,
                module.padding_mode, module.groups, tuple(A.shape[1:]), tuple(G.shape[1:]),
                A.dtype, A.device.type, autotune.batch_bucket(B))
+        if 2 * L * L > 4 * d * p:  # ghost needs 4× the FLOPs of materialising: not timed
+            del candidates["ghost"]
         w = autotune.fastest(key, candidates)
     else:
         w = candidates["ghost" if 2 * L * L < d * p else "grouped"]()
