@@ -76,16 +76,21 @@ conv_cfg = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=40)
-@given(cfg=conv_cfg, mode=st.sampled_from(MODES))
-def test_conv(cfg, mode):
+def make_conv(cfg: dict, bias: bool | None = None) -> nn.Module:
+    """The convolution a ``conv_cfg`` draw describes (bias from the draw unless given)."""
     conv_t = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg["dim"]]
     stride = 1 if cfg["padding"] == "same" else cfg["stride"]
     g = cfg["groups"]
-    m = conv_t(g * cfg["cin_per_group"], g * cfg["cout_per_group"], cfg["k"], stride=stride,
-               padding=cfg["padding"], dilation=cfg["dilation"], groups=g, bias=cfg["bias"],
-               padding_mode=cfg["padding_mode"])
-    size = 5 if cfg["dim"] < 3 else 4
+    return conv_t(g * cfg["cin_per_group"], g * cfg["cout_per_group"], cfg["k"], stride=stride,
+                  padding=cfg["padding"], dilation=cfg["dilation"], groups=g,
+                  bias=cfg["bias"] if bias is None else bias, padding_mode=cfg["padding_mode"])
+
+
+@settings(max_examples=40)
+@given(cfg=conv_cfg, mode=st.sampled_from(MODES))
+def test_conv(cfg, mode):
+    g, m = cfg["groups"], make_conv(cfg)
+    size = 5  # ≥ the largest dilated kernel (3 taps, dilation 2)
     check(m, torch.randn(cfg["B"], g * cfg["cin_per_group"], *([size] * cfg["dim"])), mode)
 
 
@@ -221,12 +226,7 @@ def test_frozen_parameters_are_skipped():
 def test_conv_norm_formulas_equal_materialised(cfg, strategy):
     from privgrad.per_sample import conv as rules
 
-    conv_t = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg["dim"]]
-    stride = 1 if cfg["padding"] == "same" else cfg["stride"]
-    g = cfg["groups"]
-    m = conv_t(g * cfg["cin_per_group"], g * cfg["cout_per_group"], cfg["k"], stride=stride,
-               padding=cfg["padding"], dilation=cfg["dilation"], groups=g,
-               padding_mode=cfg["padding_mode"]).double()
+    g, m = cfg["groups"], make_conv(cfg, bias=True).double()
     A = torch.randn(cfg["B"], g * cfg["cin_per_group"], *([5] * cfg["dim"]), dtype=torch.double)
     G = torch.randn_like(m(A))
     want = {k: v.flatten(1).square().sum(1) for k, v in rules.per_sample_grads(m, A, G).items()}
@@ -257,13 +257,8 @@ def test_linear_norm_formulas_equal_materialised(B, T, d, p, strategy):
 def test_conv_norms_in_chunks_of_one_sample(cfg, mode):
     from privgrad.per_sample import chunks
 
-    conv_t = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg["dim"]]
-    stride = 1 if cfg["padding"] == "same" else cfg["stride"]
-    g = cfg["groups"]
-    m = conv_t(g * cfg["cin_per_group"], g * cfg["cout_per_group"], cfg["k"], stride=stride,
-               padding=cfg["padding"], dilation=cfg["dilation"], groups=g, bias=cfg["bias"],
-               padding_mode=cfg["padding_mode"])
-    size = 5 if cfg["dim"] < 3 else 4
+    g, m = cfg["groups"], make_conv(cfg)
+    size = 5  # ≥ the largest dilated kernel (3 taps, dilation 2)
     with mock.patch.object(chunks, "CHUNK_ELEMENTS", 1):  # every chunk is one sample
         check(m, torch.randn(cfg["B"] + 1, g * cfg["cin_per_group"], *([size] * cfg["dim"])),
               mode)
@@ -307,12 +302,7 @@ def test_im2col_matches_torch_unfold(cfg):
 
     from privgrad.per_sample import conv as rules
 
-    conv_t = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg["dim"]]
-    stride = 1 if cfg["padding"] == "same" else cfg["stride"]
-    g = cfg["groups"]
-    m = conv_t(g * cfg["cin_per_group"], g * cfg["cout_per_group"], cfg["k"], stride=stride,
-               padding=cfg["padding"], dilation=cfg["dilation"], groups=g,
-               padding_mode=cfg["padding_mode"]).double()
+    g, m = cfg["groups"], make_conv(cfg, bias=True).double()
     A = torch.randn(cfg["B"], g * cfg["cin_per_group"], *([5] * cfg["dim"]), dtype=torch.double)
     got = rules._unfolded(m, A)
     Ap, pad = rules.padded_input(m, A)
