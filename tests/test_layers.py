@@ -322,3 +322,77 @@ def test_im2col_matches_torch_unfold(cfg):
         want = want.reshape(A.shape[0], A.shape[1] * k[0] * k[1] * k[2], -1)
     assert got.shape[-1] == m(A).shape[2:].numel()
     torch.testing.assert_close(got.reshape(A.shape[0], -1, got.shape[-1]), want, rtol=0, atol=0)
+
+
+# ---- small per-sample gradients are materialised, large ones book-kept (ghost.split)
+
+from privgrad.per_sample import ghost as _ghost  # noqa: E402
+
+PRODUCTION_DENSE_ELEMENTS = 1 << 21  # the default (the conftest sets 0 for every test)
+
+
+@pytest.mark.parametrize("threshold", [0, 4 * 40, 4 * 200, 1 << 21])
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+def test_layers_on_both_sides_of_the_materialisation_threshold(threshold, mode):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 6)
+            self.conv = nn.Conv1d(6, 8, 3, padding="same", padding_mode="reflect")
+            self.norm = nn.GroupNorm(2, 8)
+            self.small = nn.Linear(8, 4)  # 36 parameters
+            self.big = nn.Linear(4, 40)  # 200 parameters
+            self.frozen_w = nn.Linear(40, 5)
+            self.frozen_w.weight.requires_grad_(False)
+
+        def forward(self, idx):
+            h = self.norm(self.conv(self.emb(idx).transpose(1, 2))).transpose(1, 2)
+            return self.frozen_w(torch.tanh(self.big(torch.tanh(self.small(h)))))
+
+    with mock.patch.object(_ghost, "DENSE_ELEMENTS", threshold):
+        check(Net(), torch.randint(0, 11, (4, 7)), mode)
+
+
+def test_a_frozen_weight_is_never_materialised_for_its_trainable_bias(monkeypatch):
+    import privgrad.physical as physical
+
+    monkeypatch.setattr(_ghost, "DENSE_ELEMENTS", PRODUCTION_DENSE_ELEMENTS)
+    dense = []
+    real = physical.per_sample_grads
+    monkeypatch.setattr(physical, "per_sample_grads",
+                        lambda ios, *a: dense.extend(io.call.unit.module for io in ios)
+                        or real(ios, *a))
+    model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+    model[0].weight.requires_grad_(False)  # bias-only fine-tuning of the big layer
+    with pg.DPEngine(model, 0.0, max_grad_norm=1.0, expected_batch_size=64,
+                     self_check=False) as engine:
+        engine.backward(model(torch.randn(64, 256)).sin().sum(1))
+    assert model[0] not in dense  # 64 × 65,792 elements: book-kept, not materialised
+    assert model[2] in dense  # 64 × 2,570: materialised
+    assert model[0].bias.grad is not None and model[0].weight.grad is None
+
+
+@settings(max_examples=30)
+@given(cfg=conv_cfg, candidate=st.sampled_from(["grouped", "unfold", "ghost"]))
+def test_every_conv_candidate_against_the_loop(cfg, candidate):
+    """Each formula autotune may pick, forced, against per-sample autograd in float64."""
+    from privgrad.per_sample import autotune
+    from privgrad.per_sample import conv as rules
+
+    m = make_conv(cfg, bias=True).double()
+    A = torch.randn(cfg["B"], m.in_channels, *([5] * cfg["dim"]), dtype=torch.double)
+    G = torch.randn_like(m(A))
+    want = {n: [] for n, _ in m.named_parameters()}
+    for i in range(cfg["B"]):
+        grads = torch.autograd.grad((m(A[i:i + 1]) * G[i:i + 1]).sum(), list(m.parameters()))
+        for (n, _), g in zip(m.named_parameters(), grads, strict=True):
+            want[n].append(g)
+    want = {n: torch.stack(g) for n, g in want.items()}
+
+    def forced(key, candidates):
+        return candidates.get(candidate, next(iter(candidates.values())))()
+
+    with mock.patch.object(autotune, "fastest", forced):
+        assert_close(rules.per_sample_grads(m, A, G), want)
+        got = rules.squared_norms(m, A, G, "measure")
+    assert_close(got, {n: g.flatten(1).square().sum(1) for n, g in want.items()})

@@ -88,7 +88,7 @@ def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[st
         ``{"weight": (B, C_out, C_in / groups, *kernel), "bias": (B, C_out)}``.
     """
     B, g = A.shape[0], module.groups
-    L, d, p = G[0, 0].numel(), module.weight[0].numel(), module.out_channels // g
+    L, d, p = math.prod(G.shape[2:]), module.weight[0].numel(), module.out_channels // g
 
     def grouped() -> torch.Tensor:
         return _weight_grad(module, A, G, folds=B).view(B, *module.weight.shape)
@@ -99,7 +99,7 @@ def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[st
             cols = _unfolded(module, A[s]).reshape(b * g, d, L)
             Gs = G[s].reshape(b * g, p, L)
             if d < p:  # (cols Gᵀ)ᵀ: the batched kernel is faster with the short side first
-                grads = torch.bmm(cols, Gs.transpose(1, 2)).transpose(1, 2)
+                grads = torch.bmm(cols, Gs.transpose(1, 2)).transpose(1, 2).contiguous()
             else:
                 grads = torch.bmm(Gs, cols.transpose(1, 2))
             return grads.reshape(b, *module.weight.shape)
@@ -107,7 +107,7 @@ def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[st
         return chunks.per_sample_chunked(chunk, B, g * d * L)
 
     if B == 0:
-        weight = grouped()
+        weight = G.new_zeros(0, *module.weight.shape)
     else:
         key = ("conv-grads", module.kernel_size, module.stride, module.dilation, module.padding,
                module.padding_mode, g, tuple(A.shape[1:]), tuple(G.shape[1:]), A.dtype,
@@ -165,7 +165,7 @@ def squared_norms(
         ``{"weight": (B,), "bias": (B,)}``.
     """
     B, g = A.shape[0], module.groups
-    L = G[0, 0].numel()
+    L = math.prod(G.shape[2:])
     d = module.weight[0].numel()
     p = module.out_channels // g
 

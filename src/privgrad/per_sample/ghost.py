@@ -44,7 +44,9 @@ def split(
         rule = io.call.unit.rule
         alone = all(uses[names[id(p)]] == 1 for p in params)
         ok = rule is not None and rule.squared_norms is not None and rule.clipped_sum is not None
-        small = batch_size * sum(p.numel() for p in params if p.requires_grad) <= DENSE_ELEMENTS
+        # all of the module's parameters: a rule materialises a frozen weight's gradients too
+        every = io.call.unit.module.parameters(recurse=False)
+        small = batch_size * sum(p.numel() for p in every) <= DENSE_ELEMENTS
         (ghost if ok and alone and not small else dense).append(io)
     return ghost, dense
 
