@@ -396,3 +396,18 @@ def test_every_conv_candidate_against_the_loop(cfg, candidate):
         assert_close(rules.per_sample_grads(m, A, G), want)
         got = rules.squared_norms(m, A, G, "measure")
     assert_close(got, {n: g.flatten(1).square().sum(1) for n, g in want.items()})
+
+
+@pytest.mark.parametrize("d,p", [(3, 9), (9, 3)])  # A smaller, then G smaller
+def test_clipped_sum_scales_either_operand_exactly(d, p):
+    from privgrad.per_sample import chunks
+    from privgrad.per_sample import linear as rules
+
+    m = nn.Linear(d, p).double()
+    A, G = torch.randn(5, 4, d, dtype=torch.double), torch.randn(5, 4, p, dtype=torch.double)
+    f = torch.rand(5, dtype=torch.double)
+    A2, G2 = chunks.scale_smaller(A, G, f)
+    assert (A2 is A) == (d > p) and (G2 is G) == (d < p)
+    psg = rules.per_sample_grads(m, A, G)
+    assert_close(rules.clipped_sum(m, A, G, {"weight": f, "bias": f}),
+                 {k: torch.tensordot(f, v, dims=1) for k, v in psg.items()})

@@ -62,3 +62,20 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(B, x[0].numel() if B else 0)
     dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
     return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).square()
+
+
+def scale_smaller(
+    A: torch.Tensor, G: torch.Tensor, factors: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales sample ``i`` of the smaller of ``A (B, ...)`` and ``G (B, ...)`` by ``f_i``.
+
+    A weight gradient is bilinear in each sample's ``(A_i, G_i)``, so ``sum_i f_i g_i`` is
+    the ordinary weight gradient of either scaled pair; scaling the smaller one copies
+    less (a language-model head's ``G`` is vocabulary-wide, a first conv's ``A`` is small).
+
+    Returns:
+        ``(A', G')`` with exactly one of them scaled.
+    """
+    if A.numel() < G.numel():
+        return A * factors.to(A.dtype).view(-1, *([1] * (A.dim() - 1))), G
+    return A, G * factors.to(G.dtype).view(-1, *([1] * (G.dim() - 1)))

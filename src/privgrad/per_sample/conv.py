@@ -95,16 +95,10 @@ def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[st
 
     def unfold() -> torch.Tensor:
         def chunk(s: slice) -> torch.Tensor:
-            b = len(range(*s.indices(B)))
-            cols = _unfolded(module, A[s]).reshape(b * g, d, L)
-            Gs = G[s].reshape(b * g, p, L)
-            if d < p:  # (cols Gᵀ)ᵀ: the batched kernel is faster with the short side first
-                grads = torch.bmm(cols, Gs.transpose(1, 2)).transpose(1, 2).contiguous()
-            else:
-                grads = torch.bmm(Gs, cols.transpose(1, 2))
-            return grads.reshape(b, *module.weight.shape)
+            grads_t = _grads_by_unfold(module, A[s], G[s])
+            return grads_t.transpose(1, 2).reshape(-1, *module.weight.shape)
 
-        return chunks.per_sample_chunked(chunk, B, g * d * L)
+        return chunks.per_sample_chunked(chunk, B, g * (d * L + p * d))
 
     if B == 0:
         weight = G.new_zeros(0, *module.weight.shape)
@@ -145,6 +139,18 @@ def _unfolded(module: _Conv, A: torch.Tensor) -> torch.Tensor:
     return view.reshape(B, module.groups, -1, L)
 
 
+def _grads_by_unfold(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``(B · groups, d, p)``: each sample's and group's weight gradient, transposed.
+
+    ``cols Gᵀ`` on the unfolded input; the batched kernel is faster with the short side
+    (``d`` for an input layer of a few channels) first, and no slower otherwise.
+    """
+    B, g = A.shape[0], module.groups
+    cols = _unfolded(module, A)
+    cols = cols.reshape(B * g, cols.shape[2], cols.shape[3])
+    return torch.bmm(cols, G.reshape(B * g, module.out_channels // g, -1).transpose(1, 2))
+
+
 def squared_norms(
     module: _Conv, A: torch.Tensor, G: torch.Tensor, strategy: str = "cost"
 ) -> dict[str, torch.Tensor]:
@@ -170,21 +176,18 @@ def squared_norms(
     p = module.out_channels // g
 
     def ghost(s: slice) -> torch.Tensor:
-        b = len(range(*s.indices(B)))
-        cols = _unfolded(module, A[s]).reshape(b * g, d, L)
+        a, b = A[s], A[s].shape[0]
+        cols = _unfolded(module, a).reshape(b * g, d, L)
         Gg = G[s].reshape(b * g, p, L)
         gram = torch.bmm(cols.transpose(1, 2), cols) * torch.bmm(Gg.transpose(1, 2), Gg)
         return gram.sum((1, 2)).view(b, g).sum(1)
 
     def grouped(s: slice) -> torch.Tensor:
-        b = len(range(*s.indices(B)))
+        b = A[s].shape[0]
         return chunks.squared_norms(_weight_grad(module, A[s], G[s], folds=b).view(b, -1))
 
     def unfold(s: slice) -> torch.Tensor:
-        b = len(range(*s.indices(B)))
-        cols = _unfolded(module, A[s]).reshape(b * g, d, L)
-        grads = torch.bmm(cols, G[s].reshape(b * g, p, L).transpose(1, 2))  # transposed
-        return chunks.squared_norms(grads.view(b, -1))
+        return chunks.squared_norms(_grads_by_unfold(module, A[s], G[s]).view(A[s].shape[0], -1))
 
     sizes = {"ghost": g * (d * L + 2 * L * L), "grouped": g * p * d, "unfold": g * (d * L + p * d)}
     candidates = {
@@ -213,18 +216,13 @@ def squared_norms(
 def clipped_sum(
     module: _Conv, A: torch.Tensor, G: torch.Tensor, factors: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """``sum_i f_i g_i``: one ordinary weight-gradient call with each sample scaled by ``f_i``.
+    """``sum_i f_i g_i``: one weight-gradient call, samples scaled by their factors.
 
-    The gradient is bilinear in each sample's ``(A_i, G_i)``, so the factor scales
-    whichever of the two is smaller.
+    The factors scale the smaller of ``A`` and ``G`` (``chunks.scale_smaller``).
     """
     out = {}
     if "weight" in factors:
-        f = factors["weight"].view(-1, *([1] * (A.dim() - 1)))
-        if A.numel() < G.numel():
-            out["weight"] = _weight_grad(module, A * f.to(A.dtype), G, 1)
-        else:
-            out["weight"] = _weight_grad(module, A, G * f.to(G.dtype), 1)
+        out["weight"] = _weight_grad(module, *chunks.scale_smaller(A, G, factors["weight"]), 1)
     if "bias" in factors:
         per_sample = G.flatten(2).sum(2)  # (B, C_out)
         out["bias"] = factors["bias"].to(G.dtype) @ per_sample

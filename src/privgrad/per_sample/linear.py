@@ -81,8 +81,7 @@ def clipped_sum(
 ) -> dict[str, torch.Tensor]:
     """``sum_i f_i g_i`` as one matmul ``(f ⊙ G)ᵀ A`` over all samples and positions.
 
-    The product is bilinear in each sample's ``(A_i, G_i)``, so the factor scales whichever
-    of the two is smaller (a language-model head's ``G`` is vocabulary-wide).
+    The factor scales the smaller of ``A`` and ``G`` (``chunks.scale_smaller``).
 
     Args:
         module: The layer.
@@ -97,11 +96,7 @@ def clipped_sum(
     A3, G3 = _flat(A, G)
     out = {}
     if "weight" in factors:
-        fw = factors["weight"].view(-1, 1, 1)
-        if A3.numel() < G3.numel():
-            A3s, G3s = A3 * fw.to(A3.dtype), G3
-        else:
-            A3s, G3s = A3, G3 * fw.to(G3.dtype)
+        A3s, G3s = chunks.scale_smaller(A3, G3, factors["weight"])
         out["weight"] = G3s.reshape(-1, G3.shape[2]).T @ A3s.reshape(-1, A3.shape[2])
     if "bias" in factors:
         out["bias"] = factors["bias"].to(G3.dtype) @ G3.sum(1)
