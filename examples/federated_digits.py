@@ -15,6 +15,7 @@ of the final global model, the clients' sample-level ε and the server's client-
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -42,6 +43,7 @@ def model_fn() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 10))  # multinomial logistic regression
 
 
+@functools.cache
 def split() -> tuple[np.ndarray, ...]:
     """``X_train, X_test, y_train, y_test`` of digits (80/20, stratified, fixed)."""
     X, y = load_digits(return_X_y=True)

@@ -108,6 +108,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         engine = pg.DPEngine(net, 0.0, clipping=rule("flat"), expected_batch_size=GLOBAL_B,
                              seed=3)
         result["ddp"] = run_steps(net, engine, slice(rank, None, world))
+        result["ddp_sync_off"] = net.require_backward_grad_sync is False  # unwrap switched it
         # an empty batch on one rank: the other rank's samples only
         net = model()
         engine = pg.DPEngine(net, 0.0, clipping=rule("flat"), expected_batch_size=GLOBAL_B,

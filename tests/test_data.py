@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 from torch.utils.data import Dataset, TensorDataset
 
-from privgrad.data import PoissonLoader, PoissonSampler
+from privgrad.data import PoissonLoader, PoissonSampler, ShuffledSampler
 
 
 def test_batch_sizes_follow_binomial() -> None:
@@ -179,3 +179,15 @@ def test_derived_seeds_separate_purposes_and_ranks() -> None:
 
     seeds = {derived_seed(0, "sampler", r) for r in range(4)} | {derived_seed(0, "clients"), 0}
     assert len(seeds) == 6 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_shuffled_sampler_is_one_pass_of_fixed_size_batches():
+    """The non-Poisson alternative: every record exactly once per pass, batches of B."""
+    s = ShuffledSampler(10, 4, seed=0)
+    batches = list(s)
+    assert len(s) == len(batches) == 3 and [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(torch.cat(batches).tolist()) == list(range(10))
+    assert [b.tolist() for b in ShuffledSampler(10, 4, seed=0)] == [b.tolist() for b in batches]
+    assert torch.cat(batches).tolist() != list(range(10))  # shuffled (seed 0)
+    with pytest.raises(ValueError, match="batch_size"):
+        ShuffledSampler(10, 0)

@@ -54,6 +54,7 @@ def test_two_ranks_equal_one_process_on_the_union(ranks, mode, name):
 
 
 def test_ddp_wrapped_model_is_unwrapped_and_not_reduced_twice(ranks):
+    assert all(ranks[r]["ddp_sync_off"] for r in range(2))  # DDP's own all-reduce is off
     want = single_process("auto", "flat")
     for r in range(2):
         for step in range(w.STEPS):

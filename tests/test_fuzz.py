@@ -81,8 +81,7 @@ def test_every_input_works_or_raises_a_named_privgrad_error(case, seed):
     if case["poison"] and case["B"] > 0 and x.is_floating_point():
         x.view(case["B"], -1)[case["B"] - 1, 0] = float(case["poison"])
     y = torch.randint(0, 2, (case["B"],), generator=gen)
-    sigma = 0.0 if math.isinf(case["C"]) else 0.0
-    engine = pg.DPEngine(model, sigma, max_grad_norm=case["C"], expected_batch_size=4.0,
+    engine = pg.DPEngine(model, 0.0, max_grad_norm=case["C"], expected_batch_size=4.0,
                          mode=case["mode"])
     for step in range(2):
         if case["freeze"] and step == 1:  # a parameter frozen between steps
@@ -122,10 +121,8 @@ def _expected_error(case: dict, e: Exception) -> None:
         causes.append(pg.InvalidLossError)
     if case["poison"]:
         causes.append(pg.NonFiniteGradientError)
-    if case["freeze"]:
-        causes += [pg.GradientStateError, pg.MissingGradientError]
-    if case["dtype"] == "bfloat16" or case["family"] == "recurrent":
-        causes.append(pg.PrivgradError)  # e.g. a self-check tolerance; must still name it
+    # freezing a parameter between steps, bfloat16 and recurrent models are all valid
+    # input: none of them is a cause of an error
     assert causes and isinstance(e, tuple(causes)), (case, repr(e))
 
 

@@ -253,15 +253,17 @@ def test_linear_norm_formulas_equal_materialised(B, T, d, p, strategy):
 
 
 @settings(max_examples=25)
-@given(cfg=conv_cfg, mode=st.sampled_from(["ghost", "auto"]))
-def test_conv_norms_in_chunks_of_one_sample(cfg, mode):
-    from privgrad.per_sample import chunks
+@given(cfg=conv_cfg, mode=st.sampled_from(["ghost", "auto"]),
+       pick=st.sampled_from(["grouped", "unfold"]))
+def test_conv_norms_in_chunks_of_one_sample(cfg, mode, pick):
+    from privgrad.per_sample import autotune, chunks
 
     g, m = cfg["groups"], make_conv(cfg)
     size = 5  # ≥ the largest dilated kernel (3 taps, dilation 2)
-    with mock.patch.object(chunks, "CHUNK_ELEMENTS", 1):  # every chunk is one sample
-        check(m, torch.randn(cfg["B"] + 1, g * cfg["cin_per_group"], *([size] * cfg["dim"])),
-              mode)
+    x = torch.randn(cfg["B"] + 1, g * cfg["cin_per_group"], *([size] * cfg["dim"]))
+    with mock.patch.object(chunks, "CHUNK_ELEMENTS", 1), \
+            mock.patch.object(autotune, "fastest", lambda key, c: c[pick]()):
+        check(m, x, mode)  # every chunk is one sample; every measured choice is `pick`
 
 
 @pytest.mark.parametrize("make,shape", [
@@ -354,21 +356,27 @@ def test_layers_on_both_sides_of_the_materialisation_threshold(threshold, mode):
 
 
 def test_a_frozen_weight_is_never_materialised_for_its_trainable_bias(monkeypatch):
-    import privgrad.physical as physical
+    import dataclasses
+
+    from privgrad.per_sample import registry
 
     monkeypatch.setattr(_ghost, "DENSE_ELEMENTS", PRODUCTION_DENSE_ELEMENTS)
-    dense = []
-    real = physical.per_sample_grads
-    monkeypatch.setattr(physical, "per_sample_grads",
-                        lambda ios, *a: dense.extend(io.call.unit.module for io in ios)
-                        or real(ios, *a))
+    computed = []  # (module, what the Linear rule returned)
+    rule = registry.lookup(nn.Linear(1, 1))
+
+    def spy(fn):
+        return lambda m, A, G, *a: computed.append((m, set(out := fn(m, A, G, *a)))) or out
+
+    monkeypatch.setitem(registry._RULES, nn.Linear, dataclasses.replace(
+        rule, per_sample_grads=spy(rule.per_sample_grads),
+        squared_norms=spy(rule.squared_norms)))
     model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
     model[0].weight.requires_grad_(False)  # bias-only fine-tuning of the big layer
     with pg.DPEngine(model, 0.0, max_grad_norm=1.0, expected_batch_size=64,
                      self_check=False) as engine:
         engine.backward(model(torch.randn(64, 256)).sin().sum(1))
-    assert model[0] not in dense  # 64 × 65,792 elements: book-kept, not materialised
-    assert model[2] in dense  # 64 × 2,570: materialised
+    assert {frozenset(keys) for m, keys in computed if m is model[0]} == {frozenset({"bias"})}
+    assert any(m is model[2] for m, _ in computed)
     assert model[0].bias.grad is not None and model[0].weight.grad is None
 
 
@@ -389,12 +397,12 @@ def test_every_conv_candidate_against_the_loop(cfg, candidate):
             want[n].append(g)
     want = {n: torch.stack(g) for n, g in want.items()}
 
-    def forced(key, candidates):
-        return candidates.get(candidate, next(iter(candidates.values())))()
-
-    with mock.patch.object(autotune, "fastest", forced):
-        assert_close(rules.per_sample_grads(m, A, G), want)
-        got = rules.squared_norms(m, A, G, "measure")
+    if candidate == "ghost":  # the ghost formula is forced by its strategy
+        got = rules.squared_norms(m, A, G, "ghost")
+    else:  # a missing candidate raises KeyError: nothing falls back silently
+        with mock.patch.object(autotune, "fastest", lambda key, c: c[candidate]()):
+            assert_close(rules.per_sample_grads(m, A, G), want)
+            got = rules.squared_norms(m, A, G, "measure")
     assert_close(got, {n: g.flatten(1).square().sum(1) for n, g in want.items()})
 
 
@@ -411,3 +419,25 @@ def test_clipped_sum_scales_either_operand_exactly(d, p):
     psg = rules.per_sample_grads(m, A, G)
     assert_close(rules.clipped_sum(m, A, G, {"weight": f, "bias": f}),
                  {k: torch.tensordot(f, v, dims=1) for k, v in psg.items()})
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Linear(6, 5), (3, 4, 6)),
+    (lambda: nn.Conv2d(2, 3, 3, padding=1), (3, 2, 5, 5)),
+    (lambda: nn.GroupNorm(1, 4), (3, 4, 5)),
+])
+def test_rules_skip_frozen_parameters(make, shape, frozen):
+    """A frozen weight's per-sample gradients (as large as a trainable one's) are never built."""
+    from privgrad.per_sample.registry import lookup
+
+    m = make().double()
+    getattr(m, frozen).requires_grad_(False)
+    A = torch.randn(*shape, dtype=torch.double)
+    G = torch.randn_like(m(A))
+    rule = lookup(m)
+    live = {"weight", "bias"} - {frozen}
+    assert set(rule.per_sample_grads(m, A, G)) == live
+    if rule.squared_norms is not None:
+        for strategy in ("ghost", "cost", "measure"):
+            assert set(rule.squared_norms(m, A, G, strategy)) == live

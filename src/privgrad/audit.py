@@ -19,7 +19,6 @@ show a mechanism is broken, never prove it correct.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,7 +26,9 @@ from scipy import stats
 from torch import nn
 
 from privgrad import accounting
+from privgrad.accounting.validation import check_delta
 from privgrad.engine import DPEngine
+from privgrad.noise import seeded_generator
 
 GRID = tuple(0.25 * k for k in range(-8, 25))  # thresholds, in noise std above the offset
 CALIBRATION = 200  # extra runs without the canary that fix the grid's centre
@@ -123,8 +124,8 @@ def audit(
                          "(5,000 gives about a quarter of the claimed ε at σ = 1).")
     if not 0 < confidence < 1:
         raise ValueError(f"privgrad.audit: confidence must be in (0, 1), got {confidence}.")
-    gen = torch.Generator().manual_seed(
-        seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    delta = check_delta(delta)  # before the trials, not after them
+    gen = seeded_generator(seed)
     model = _AuditModel(tensors, dim).double()
     canary_norm = 2 * max_grad_norm * math.sqrt(tensors) if canary_norm is None else canary_norm
     u = torch.randn(tensors, dim, generator=gen, dtype=torch.float64)

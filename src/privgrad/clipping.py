@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from privgrad.accounting import PrivacyLedger, shared_sample_step
+
 
 def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
     """Flat clip factors ``min(1, C / norm)``, with factor 1 for a zero norm.
@@ -309,6 +311,21 @@ def adaptive_next(
     """
     return adaptive_update(max_norm, (unclipped + count_noise) / expected,
                            rule.target_quantile, rule.learning_rate)
+
+
+def record_release(
+    ledger: PrivacyLedger, noise_multiplier: float, sample_rate: float, rule: object
+) -> None:
+    """Records one DP-SGD step (or DP-FedAvg round) in ``ledger``.
+
+    Under ``Adaptive`` clipping the noisy count is a second Gaussian release on the same
+    Poisson sample, accounted together with the gradient as one event.
+    """
+    if isinstance(rule, Adaptive):
+        ledger.record_event(shared_sample_step(
+            sample_rate, [noise_multiplier, rule.count_noise_multiplier]))
+    else:
+        ledger.record(noise_multiplier, sample_rate)
 
 
 ClipRule = Flat | PerLayer | Automatic | Adaptive

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +39,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from privgrad.accounting.validation import check_sample_rate
+from privgrad.noise import seeded_generator
 
 
 def derived_seed(seed: int, *purpose: object) -> int:
@@ -50,12 +50,6 @@ def derived_seed(seed: int, *purpose: object) -> int:
     """
     text = repr((int(seed), *purpose)).encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
-
-
-def _generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1 if seed is None else int(seed))
-    return g
 
 
 def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
@@ -138,7 +132,7 @@ class PoissonSampler:
         self._members = torch.arange(rank, self.num_samples, size)
         # ranks must draw independently (one seed would tie record i of each shard together),
         # and apart from the engine's noise even when both are given the same seed
-        self._gen = _generator(None if seed is None else derived_seed(seed, "sampler", rank))
+        self._gen = seeded_generator(None if seed is None else derived_seed(seed, "sampler", rank))
 
     @property
     def expected_batch_size(self) -> float:
@@ -205,7 +199,7 @@ class ShuffledSampler:
         if batch_size < 1:
             raise ValueError(f"privgrad.data: batch_size={batch_size} must be >= 1.")
         self.num_samples, self.batch_size = int(num_samples), int(batch_size)
-        self._gen = _generator(seed)
+        self._gen = seeded_generator(seed)
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)

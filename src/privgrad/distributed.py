@@ -27,12 +27,13 @@ work; DDP still broadcasts the initial parameters from rank 0 when it is built.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from privgrad.noise import fresh_seed
 
 BUCKET_BYTES = 25 * 2**20  # the size DDP uses by default
 
@@ -113,7 +114,7 @@ def shared_seed(device: torch.device) -> int:
     Returns:
         The seed.
     """
-    seed = int.from_bytes(os.urandom(8), "little") >> 1
+    seed = fresh_seed()
     t = torch.tensor([seed], dtype=torch.int64, device=device)
     dist.broadcast(t, src=0)
     return int(t.item())

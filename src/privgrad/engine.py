@@ -15,9 +15,16 @@ import torch
 from torch import nn
 
 from privgrad import distributed, guards, validate
-from privgrad.accounting import PrivacyLedger, shared_sample_step
+from privgrad.accounting import PrivacyLedger
 from privgrad.accounting.validation import check_sample_rate
-from privgrad.clipping import Adaptive, ClipPlan, ClipRule, Flat, adaptive_next
+from privgrad.clipping import (
+    Adaptive,
+    ClipPlan,
+    ClipRule,
+    Flat,
+    adaptive_next,
+    record_release,
+)
 from privgrad.errors import GradientStateError
 from privgrad.noise import NoiseSource
 from privgrad.per_sample.batch import (
@@ -67,9 +74,11 @@ class DPEngine:
         clipping: A rule from ``privgrad.clipping`` (``PerLayer``, ``Automatic``, ...).
         mode: ``"auto"`` (book-keeping; per layer the fastest exact norm, measured once
             per layer shape) | ``"ghost"`` (book-keeping; ghost or materialised norm per
-            layer by the cost rule ``2T² < d·p``) | ``"materialize"`` (every per-sample gradient) |
-            ``"vmap"`` (torch.func for every layer): performance only, the result is the
-            same in every mode.
+            layer by the cost rule ``2T² < d·p``) | ``"materialize"`` (every per-sample
+            gradient) | ``"vmap"`` (torch.func for every layer): performance only, the
+            result is the same in every mode. In ``auto`` and ``ghost`` a layer whose
+            per-sample gradients are small (``per_sample.ghost.DENSE_ELEMENTS``) is
+            materialised instead of book-kept.
         seed: ``None`` for noise from OS entropy; an int for reproducible noise that is NOT
             secure.
         sample_rate: ``q``, the probability that a sample joins a logical batch (Poisson
@@ -315,11 +324,8 @@ class DPEngine:
         rule = self.clipping
         if self.sample_rate is None:
             self._unaccounted += 1
-        elif isinstance(rule, Adaptive):
-            self.ledger.record_event(shared_sample_step(
-                self.sample_rate, [self.noise_multiplier, rule.count_noise_multiplier]))
         else:
-            self.ledger.record(self.noise_multiplier, self.sample_rate)
+            record_release(self.ledger, self.noise_multiplier, self.sample_rate, rule)
         if isinstance(rule, Adaptive):
             unclipped = float((norms <= self.max_grad_norm).sum())
             if self.distributed:  # the count over every rank's samples, then one release

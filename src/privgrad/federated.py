@@ -24,17 +24,16 @@ Formal guarantees:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from privgrad.accounting import PrivacyLedger, shared_sample_step
-from privgrad.accounting.validation import check_sample_rate
-from privgrad.clipping import Adaptive, adaptive_next, clip_factors
-from privgrad.data import derived_seed
+from privgrad.accounting import PrivacyLedger
+from privgrad.accounting.validation import check_noise_multiplier
+from privgrad.clipping import Adaptive, adaptive_next, clip_factors, record_release
+from privgrad.data import PoissonSampler, derived_seed
 from privgrad.noise import NoiseSource
 
 Update = Mapping[str, torch.Tensor]
@@ -116,18 +115,18 @@ class DPFedAvg:
                 "privgrad.federated: pass exactly one of max_norm (fixed clipping) and "
                 "adaptive=pg.clipping.Adaptive(...). Fix: DPFedAvg(1.0, max_norm=0.5, ...)."
             )
-        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-            raise ValueError(f"privgrad.federated: noise_multiplier must be >= 0, got "
-                             f"{noise_multiplier}.")
         if num_clients < 1 or not 0 < clients_per_round <= num_clients:
             raise ValueError(
                 f"privgrad.federated: clients_per_round={clients_per_round} must be in (0, "
                 f"num_clients={num_clients}]. Fix: e.g. clients_per_round=0.1 * num_clients."
             )
-        self.noise_multiplier = float(noise_multiplier)
+        self.noise_multiplier = check_noise_multiplier(noise_multiplier)
         self.num_clients = int(num_clients)
         self.expected_clients = float(clients_per_round)
-        self.sample_rate = check_sample_rate(clients_per_round / num_clients)
+        # clients are Poisson-sampled exactly as records are (privgrad.data)
+        self._clients = PoissonSampler(self.num_clients, expected_batch_size=clients_per_round,
+                                       seed=None if seed is None else derived_seed(seed, "clients"))
+        self.sample_rate = self._clients.sample_rate
         self.adaptive = adaptive
         self.max_norm = float(adaptive.initial_max_norm if adaptive else max_norm)
         if not (self.max_norm > 0 and math.isfinite(self.max_norm)):
@@ -136,15 +135,10 @@ class DPFedAvg:
         self.noise = NoiseSource(seed)
         self.ledger = PrivacyLedger()
         self.rounds = 0
-        self._sampler = torch.Generator()
-        self._sampler.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1
-                                  if seed is None else derived_seed(seed, "clients"))
 
     def sample(self) -> list[int]:
         """This round's clients: each joins independently with probability ``q``."""
-        u = torch.rand(self.num_clients, generator=self._sampler, dtype=torch.float64)
-        mask = u < self.sample_rate
-        return mask.nonzero().flatten().tolist()
+        return next(iter(self._clients)).tolist()
 
     def aggregate(self, updates: Sequence[Update], like: Update | None = None) -> RoundResult:
         """Clips, sums, adds the noise once, records the round; updates adaptive ``C``.
@@ -177,11 +171,11 @@ class DPFedAvg:
             if list(u) != names or any(u[n].shape != template[n].shape for n in names):
                 raise ValueError(f"privgrad.federated: update {i} does not have the names and "
                                  "shapes of update 0. Fix: send every client the same model.")
-            if not all(bool(torch.isfinite(u[n]).all()) for n in names):
-                raise ValueError(f"privgrad.federated: update {i} has a NaN or Inf; it would "
-                                 "poison the sum. Fix: drop that client's update this round.")
-        C = self.max_norm
         norms = torch.tensor([update_norm(u) for u in updates], dtype=torch.float64)
+        for i in (~torch.isfinite(norms)).nonzero().flatten().tolist():  # NaN/Inf → norm
+            raise ValueError(f"privgrad.federated: update {i} has a NaN or Inf; it would "
+                             "poison the sum. Fix: drop that client's update this round.")
+        C = self.max_norm
         factors = clip_factors(norms, C)
         clipped_sum = {n: torch.zeros_like(template[n]) for n in names}
         for u, f in zip(updates, factors.tolist(), strict=True):
@@ -196,11 +190,9 @@ class DPFedAvg:
     def _record(self, norms: torch.Tensor) -> None:
         self.rounds += 1
         rule = self.adaptive
+        record_release(self.ledger, self.noise_multiplier, self.sample_rate, rule)
         if rule is None:
-            self.ledger.record(self.noise_multiplier, self.sample_rate)
             return
-        self.ledger.record_event(shared_sample_step(
-            self.sample_rate, [self.noise_multiplier, rule.count_noise_multiplier]))
         unclipped = float((norms <= self.max_norm).sum())
         count_noise = self.noise.scalar(rule.count_noise_multiplier)
         self.max_norm = adaptive_next(rule, self.max_norm, unclipped, count_noise,
@@ -214,7 +206,7 @@ class DPFedAvg:
         """Rounds, ledger, clip norm and generator states."""
         return {"rounds": self.rounds, "max_norm": self.max_norm,
                 "ledger": self.ledger.state_dict(), "noise": self.noise.state_dict(),
-                "sampler": self._sampler.get_state()}
+                "sampler": self._clients.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores ``state_dict()``."""
@@ -222,4 +214,4 @@ class DPFedAvg:
         self.max_norm = float(state["max_norm"])
         self.ledger.load_state_dict(state["ledger"])
         self.noise.load_state_dict(state["noise"])
-        self._sampler.set_state(state["sampler"])
+        self._clients.load_state_dict(state["sampler"])

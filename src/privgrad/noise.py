@@ -22,8 +22,14 @@ from collections.abc import Callable, Mapping
 import torch
 
 
-def _os_entropy() -> int:
+def fresh_seed() -> int:
+    """A 63-bit seed from the operating system's entropy pool (``os.urandom``)."""
     return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or with ``fresh_seed()`` when it is ``None``."""
+    return torch.Generator().manual_seed(fresh_seed() if seed is None else int(seed))
 
 
 class NoiseSource:
@@ -39,7 +45,7 @@ class NoiseSource:
         self, seed: int | None = None, entropy: Callable[[], int] | None = None
     ) -> None:
         self.seed = seed
-        self.entropy = entropy or _os_entropy
+        self.entropy = entropy or fresh_seed
         self._gens: dict[torch.device, torch.Generator] = {}
 
     @property

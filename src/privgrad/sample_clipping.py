@@ -21,6 +21,7 @@ from torch import nn
 
 from privgrad import guards, validate
 from privgrad.clipping import Flat
+from privgrad.engine import MODES
 from privgrad.per_sample.batch import check_batch_sizes, output_grads
 from privgrad.per_sample.capture import Capture
 from privgrad.per_sample.plan import plan_units
@@ -58,8 +59,8 @@ def clipped_batch_gradients(
         NonFiniteGradientError: If a sample's gradient has a NaN or Inf (names it).
         ValueError: For an empty batch (it has no mean) or a bad ``max_norm``/``mode``.
     """
-    if mode not in ("auto", "ghost", "materialize", "vmap"):
-        raise ValueError(f"privgrad: mode={mode!r} is not one of auto, ghost, materialize, vmap.")
+    if mode not in MODES:
+        raise ValueError(f"privgrad: mode={mode!r} is not one of {MODES}.")
     validate.check(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {id(p): n for n, p in model.named_parameters()}

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from privgrad.audit import audit
+from privgrad.engine import MODES
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                    help="mechanism runs, the canary in a random half (default 5000)")
     p.add_argument("--delta", type=float, default=1e-5, metavar="D", help="δ (default 1e-5)")
     p.add_argument("--confidence", type=float, default=0.95, help="of the bound (default 0.95)")
-    p.add_argument("--mode", default="auto", help="the engine's per-sample mode")
+    p.add_argument("--mode", default="auto", choices=MODES, help="the engine's per-sample mode")
     p.add_argument("--seed", type=int, help="seed of the coin flips (the noise stays secure)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
@@ -28,8 +29,6 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Prints the claimed ε and the empirical lower bound."""
-    if not 0 < args.delta < 1:
-        raise ValueError(f"--delta must be in (0, 1), got {args.delta}.")
     result = audit(args.noise_multiplier, args.max_grad_norm, args.trials, args.delta,
                    confidence=args.confidence, mode=args.mode, seed=args.seed)
     if args.json:

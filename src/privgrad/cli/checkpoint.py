@@ -37,9 +37,17 @@ def save(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buffer)
     payload = buffer.getvalue()
+    atomic_write(path, MAGIC + hashlib.sha256(payload).digest() + payload)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file, fsync and rename.
+
+    A reader, or a run resumed after a crash, sees the old file or the new one, never a part.
+    """
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
-        f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

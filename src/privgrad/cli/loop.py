@@ -240,13 +240,13 @@ def _finish(c: Config, out: Path, data: datasets.Split, history: dict, facts: di
         "epsilon": engine.epsilon(c.delta), "delta": c.delta, "accountant": "pld",
         **facts, "epochs": c.epochs, "expected_batch_size": c.batch_size,
         "max_grad_norm": engine.max_grad_norm, "clipping": c.clipping, "mode": c.mode,
-        "model": c.model or ("cnn" if data.x_train.dim() == 4 else "mlp"),
+        "model": c.model or models.default_name(tuple(data.x_train.shape[1:])),
         "data": data.source, "train_samples": len(data.y_train), "test_samples": len(data.y_test),
         "seed": c.seed, "secure_randomness": c.seed is None,
         "wall_seconds": round(history["seconds"][0], 2),
         "not_private": "everything here except the model is computed from individual samples",
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    checkpoint.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     write_report(out / "report.html", metrics=rows, histograms=history["histograms"],
                  epochs=history["epochs"], summary=summary)

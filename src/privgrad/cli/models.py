@@ -14,6 +14,11 @@ from torch import nn
 MODELS = ("cnn", "mlp", "linear")
 
 
+def default_name(input_shape: tuple[int, ...]) -> str:
+    """The model ``--model`` defaults to: ``cnn`` for images ``(C, H, W)``, else ``mlp``."""
+    return "cnn" if len(input_shape) == 3 else "mlp"
+
+
 def build(name: str | None, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Builds a model for inputs of one sample's shape.
 
@@ -29,8 +34,7 @@ def build(name: str | None, input_shape: tuple[int, ...], num_classes: int) -> n
     Raises:
         ValueError: For an unknown name, or a CNN on inputs that are not images.
     """
-    if name is None:
-        name = "cnn" if len(input_shape) == 3 else "mlp"
+    name = name or default_name(input_shape)
     if name not in MODELS:
         raise ValueError(f"--model {name!r} is not one of {MODELS}.")
     if name == "cnn":

@@ -12,13 +12,15 @@ import html
 import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from privgrad.cli.checkpoint import atomic_write
 
 _QUANTILES = ("q05", "q25", "q50", "q75", "q95")
 _WARNING = (
@@ -250,13 +252,4 @@ def write_report(
     doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
            f"<style>{_CSS}</style></head><body><h1>{title}</h1>\n"
            f"{_body(metrics, histograms, epochs, summary)}\n</body></html>\n")
-    target = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(target)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(doc)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(Path(path), doc.encode("utf-8"))

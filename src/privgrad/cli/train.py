@@ -33,7 +33,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     opt = p.add_argument
     opt("--epsilon", type=float, help=f"privacy budget ε > 0 (default {d.epsilon})")
     opt("--delta", type=float, help=f"δ in (0, 1), below 1/N (default {d.delta})")
-    opt("--epochs", type=int, help=f"passes over the data, 1/q steps each (default {d.epochs})")
+    opt("--epochs", type=int, help="passes over the data, round(1/q) steps each (privgrad "
+        f"calibrate --epochs counts ceil(E/q) steps in all) (default {d.epochs})")
     opt("--batch-size", type=int, help=f"expected logical batch size q·N (default {d.batch_size})")
     opt("--max-physical-batch-size", type=int,
         help="samples per forward/backward, bounds memory (default: whole logical batch)")
@@ -71,13 +72,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         out, state = Path(args.out or "privgrad-run"), None
         config = check(replace(Config(), **given))
-        if (out / "checkpoint.pt").exists() and not args.overwrite and "WORLD_SIZE" not in \
-                os.environ:
-            raise ValueError(
-                f"{out} already holds a run (checkpoint.pt with its privacy ledger). Fix: "
-                f"--resume {out} to continue it, another --out, or --overwrite to discard it "
-                "(the privacy its steps spent on your data is spent all the same)."
-            )
+    # a fresh run, or a resumed one written elsewhere, must not replace another run's ledger
+    elsewhere = args.resume is None or out.resolve() != Path(args.resume).resolve()
+    if elsewhere and (out / "checkpoint.pt").exists() and not args.overwrite:
+        raise ValueError(
+            f"{out} already holds a run (checkpoint.pt with its privacy ledger). Fix: "
+            f"--resume {out} to continue it, another --out, or --overwrite to discard it "
+            "(the privacy its steps spent on your data is spent all the same)."
+        )
     if config.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(config.nproc, args)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():

@@ -2,18 +2,21 @@
 
 Which of several exact formulas is fastest depends on shapes, dtype and the backend's
 kernels (a grouped convolution kernel can be 5× slower or faster than im2col + bmm on
-the same layer). ``fastest`` times each candidate once per key — the layer's per-sample
-shapes and the batch size's power-of-two bucket (``batch_bucket``: the batch size varies
-under Poisson sampling, but the winner can change between B = 64 and B = 256) —
-remembers the winner, and afterwards runs only the winner. All candidates give the same result up to
-floating-point rounding, so the choice changes speed only.
+the same layer). ``fastest`` times the candidates on the first call for a key — the
+layer's per-sample shapes and the batch size's bucket (``batch_bucket``: the batch size
+varies under Poisson sampling, but the winner can change between B = 64 and B = 256) —
+remembers the winner, and afterwards runs only the winner. All candidates give the same
+result up to floating-point rounding, so the choice changes speed only.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Hashable
 from typing import TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -22,8 +25,12 @@ REPEATS = 3
 
 
 def batch_bucket(batch_size: int) -> int:
-    """``k`` with ``2^(k-1) <= B < 2^k``: batch sizes within a factor 2 share a choice."""
-    return int(batch_size).bit_length()
+    """``round(log2 B)``: batch sizes within a factor √2 of a power of two share a choice.
+
+    Centred on the powers of two, so Poisson batches around an expected size of 64 or 256
+    fall in one bucket instead of straddling two.
+    """
+    return round(math.log2(batch_size)) if batch_size > 0 else 0
 
 
 def fastest(key: Hashable, candidates: dict[str, Callable[[], T]]) -> T:
@@ -43,20 +50,24 @@ def fastest(key: Hashable, candidates: dict[str, Callable[[], T]]) -> T:
     name = _CHOICE.get(key)
     if name in candidates:
         return candidates[name]()
-    if len(candidates) == 1:
-        (only, fn), = candidates.items()
-        _CHOICE[key] = only
-        return fn()
     for fn in candidates.values():
         fn()  # warm-up
     winner, best_t, value = None, float("inf"), None
     for _ in range(REPEATS):
         for n, fn in candidates.items():
+            _sync()
             start = time.perf_counter()
             v = fn()
+            _sync()
             elapsed = time.perf_counter() - start
             if elapsed < best_t:
                 winner, best_t, value = n, elapsed, v
             del v
     _CHOICE[key] = winner
     return value
+
+
+def _sync() -> None:
+    """Waits for queued GPU work, so a timing covers the kernels, not their launch."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()

@@ -11,6 +11,7 @@ bounds the extra memory of a step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -58,8 +59,7 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
     (for a contiguous float32/float64 ``x``), and unlike a batched dot product it never runs
     in TF32 on a GPU. Half precision is accumulated in float32.
     """
-    B = x.shape[0]
-    rows = x.reshape(B, x[0].numel() if B else 0)
+    rows = x.reshape(x.shape[0], math.prod(x.shape[1:]))
     dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
     return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).square()
 

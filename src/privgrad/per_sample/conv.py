@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privgrad.per_sample import autotune, chunks
-from privgrad.per_sample.registry import LayerRule, register
+from privgrad.per_sample.registry import LayerRule, register, trainable
 
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -85,10 +85,30 @@ def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[st
         G: Output gradient, shape ``(B, C_out, *spatial_out)``.
 
     Returns:
-        ``{"weight": (B, C_out, C_in / groups, *kernel), "bias": (B, C_out)}``.
+        ``{"weight": (B, C_out, C_in / groups, *kernel), "bias": (B, C_out)}``, trainable
+        parameters only.
     """
+    out = {}
+    if trainable(module.weight):
+        out["weight"] = _weight_grads(module, A, G)
+    if trainable(module.bias):
+        out["bias"] = G.flatten(2).sum(dim=2)
+    return out
+
+
+def _key(tag: str, module: _Conv, A: torch.Tensor, G: torch.Tensor) -> tuple:
+    """What a measured choice for this layer depends on (``autotune.fastest``)."""
+    return (tag, module.kernel_size, module.stride, module.dilation, module.padding,
+            module.padding_mode, module.groups, tuple(A.shape[1:]), tuple(G.shape[1:]),
+            A.dtype, A.device.type, autotune.batch_bucket(A.shape[0]))
+
+
+def _weight_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``(B, *weight.shape)`` per-sample weight gradients, by the measured faster formula."""
     B, g = A.shape[0], module.groups
     L, d, p = math.prod(G.shape[2:]), module.weight[0].numel(), module.out_channels // g
+    if B == 0:
+        return G.new_zeros(0, *module.weight.shape)
 
     def grouped() -> torch.Tensor:
         return _weight_grad(module, A, G, folds=B).view(B, *module.weight.shape)
@@ -100,17 +120,8 @@ def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[st
 
         return chunks.per_sample_chunked(chunk, B, g * (d * L + p * d))
 
-    if B == 0:
-        weight = G.new_zeros(0, *module.weight.shape)
-    else:
-        key = ("conv-grads", module.kernel_size, module.stride, module.dilation, module.padding,
-               module.padding_mode, g, tuple(A.shape[1:]), tuple(G.shape[1:]), A.dtype,
-               A.device.type, autotune.batch_bucket(B))
-        weight = autotune.fastest(key, {"grouped": grouped, "unfold": unfold})
-    out = {"weight": weight}
-    if module.bias is not None:
-        out["bias"] = G.flatten(2).sum(dim=2)
-    return out
+    return autotune.fastest(_key("conv-grads", module, A, G),
+                            {"grouped": grouped, "unfold": unfold})
 
 
 def _unfolded(module: _Conv, A: torch.Tensor) -> torch.Tensor:
@@ -118,8 +129,9 @@ def _unfolded(module: _Conv, A: torch.Tensor) -> torch.Tensor:
 
     The patches are a strided view of the padded input (kernel offsets step by the
     dilation, output positions by the stride), copied once into the layout of
-    ``F.unfold`` (channel, then kernel offsets; positions last); that one copy is several
-    times faster than ``F.unfold``'s kernel on CPU and also covers 3d.
+    ``F.unfold`` (channel, then kernel offsets; positions last); that one copy was measured
+    3–10× faster than ``F.unfold``'s kernel on the benchmark CNN's layers (CPU), and it
+    also covers 3d.
     """
     A, padding = padded_input(module, A)
     if any(padding):
@@ -168,12 +180,24 @@ def squared_norms(
     needs over 4× the FLOPs of a materialised gradient); ``"ghost"`` forces ghost.
 
     Returns:
-        ``{"weight": (B,), "bias": (B,)}``.
+        ``{"weight": (B,), "bias": (B,)}``, trainable parameters only.
     """
+    out = {}
+    if trainable(module.weight):
+        out["weight"] = _weight_sq_norms(module, A, G, strategy)
+    if trainable(module.bias):
+        out["bias"] = chunks.squared_norms(G.flatten(2).sum(dim=2))
+    return out
+
+
+def _weight_sq_norms(
+    module: _Conv, A: torch.Tensor, G: torch.Tensor, strategy: str
+) -> torch.Tensor:
+    """``(B,)`` squared per-sample weight-gradient norms (see ``squared_norms``)."""
     B, g = A.shape[0], module.groups
-    L = math.prod(G.shape[2:])
-    d = module.weight[0].numel()
-    p = module.out_channels // g
+    L, d, p = math.prod(G.shape[2:]), module.weight[0].numel(), module.out_channels // g
+    if B == 0:
+        return G.new_zeros(0)
 
     def ghost(s: slice) -> torch.Tensor:
         a, b = A[s], A[s].shape[0]
@@ -189,28 +213,24 @@ def squared_norms(
     def unfold(s: slice) -> torch.Tensor:
         return chunks.squared_norms(_grads_by_unfold(module, A[s], G[s]).view(A[s].shape[0], -1))
 
-    sizes = {"ghost": g * (d * L + 2 * L * L), "grouped": g * p * d, "unfold": g * (d * L + p * d)}
-    candidates = {
-        name: (lambda fn=fn, n=sizes[name]: chunks.per_sample_chunked(fn, B, n))
-        for name, fn in (("ghost", ghost), ("grouped", grouped), ("unfold", unfold))
+    formulas = {  # formula, largest intermediate per sample
+        "ghost": (ghost, g * (d * L + 2 * L * L)),
+        "grouped": (grouped, g * p * d),
+        "unfold": (unfold, g * (d * L + p * d)),
     }
-    if B == 0:
-        w = G.new_zeros(0)
-    elif strategy == "ghost":
-        w = candidates["ghost"]()
-    elif strategy == "measure":
-        key = ("conv", module.kernel_size, module.stride, module.dilation, module.padding,
-               module.padding_mode, module.groups, tuple(A.shape[1:]), tuple(G.shape[1:]),
-               A.dtype, A.device.type, autotune.batch_bucket(B))
-        if 2 * L * L > 4 * d * p:  # ghost needs 4× the FLOPs of materialising: not timed
-            del candidates["ghost"]
-        w = autotune.fastest(key, candidates)
+    if strategy == "ghost":
+        names = ["ghost"]
+    elif strategy == "measure":  # ghost is not timed when it needs 4× the FLOPs
+        names = ["grouped", "unfold"] + (["ghost"] if 2 * L * L <= 4 * d * p else [])
     else:
-        w = candidates["ghost" if 2 * L * L < d * p else "grouped"]()
-    out = {"weight": w}
-    if module.bias is not None:
-        out["bias"] = G.flatten(2).sum(dim=2).square().sum(1)
-    return out
+        names = ["ghost" if 2 * L * L < d * p else "grouped"]
+    candidates = {
+        n: (lambda fn=formulas[n][0], size=formulas[n][1]: chunks.per_sample_chunked(fn, B, size))
+        for n in names
+    }
+    if len(candidates) == 1:
+        return next(iter(candidates.values()))()
+    return autotune.fastest(_key("conv", module, A, G), candidates)
 
 
 def clipped_sum(

@@ -40,13 +40,11 @@ def split(
     uses = Counter(names[id(p)] for io in ios for p in io.call.unit.params.values())
     ghost, dense = [], []
     for io in ios:
-        params = io.call.unit.params.values()
+        params = io.call.unit.params.values()  # trainable: rules skip frozen parameters
         rule = io.call.unit.rule
         alone = all(uses[names[id(p)]] == 1 for p in params)
         ok = rule is not None and rule.squared_norms is not None and rule.clipped_sum is not None
-        # all of the module's parameters: a rule materialises a frozen weight's gradients too
-        every = io.call.unit.module.parameters(recurse=False)
-        small = batch_size * sum(p.numel() for p in every) <= DENSE_ELEMENTS
+        small = batch_size * sum(p.numel() for p in params) <= DENSE_ELEMENTS
         (ghost if ok and alone and not small else dense).append(io)
     return ghost, dense
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from privgrad.per_sample import chunks
-from privgrad.per_sample.registry import LayerRule, register
+from privgrad.per_sample.registry import LayerRule, register, trainable
 
 
 def _flat(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,11 +26,13 @@ def per_sample_grads(
         G: Gradient of the summed loss w.r.t. the layer output, shape ``(B, *, p)``.
 
     Returns:
-        ``{"weight": (B, p, d), "bias": (B, p)}`` (bias only if the layer has one).
+        ``{"weight": (B, p, d), "bias": (B, p)}``, trainable parameters only.
     """
     A3, G3 = _flat(A, G)
-    out = {"weight": torch.bmm(G3.transpose(1, 2), A3)}
-    if module.bias is not None:
+    out = {}
+    if trainable(module.weight):
+        out["weight"] = torch.bmm(G3.transpose(1, 2), A3)
+    if trainable(module.bias):
         out["bias"] = G3.sum(dim=1)
     return out
 
@@ -60,19 +62,27 @@ def squared_norms(
             matmul); ``"ghost"`` always uses the ghost formula.
 
     Returns:
-        ``{"weight": (B,), "bias": (B,)}``.
+        ``{"weight": (B,), "bias": (B,)}``, trainable parameters only.
     """
     A3, G3 = _flat(A, G)
-    T, d, p = A3.shape[1], A3.shape[2], G3.shape[2]
-    if T == 1:
-        w = A3.square().sum((1, 2)) * G3.square().sum((1, 2))
-    elif strategy == "ghost" or use_ghost_norm(T, d, p):
-        w = (torch.bmm(A3, A3.transpose(1, 2)) * torch.bmm(G3, G3.transpose(1, 2))).sum((1, 2))
-    else:
-        w = chunks.squared_norms(torch.bmm(G3.transpose(1, 2), A3))
-    out = {"weight": w}
-    if module.bias is not None:
-        out["bias"] = G3.sum(dim=1).square().sum(1)
+    B, T, d, p = A3.shape[0], A3.shape[1], A3.shape[2], G3.shape[2]
+
+    def ghost(s: slice) -> torch.Tensor:
+        a, g = A3[s], G3[s]
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+    def materialised(s: slice) -> torch.Tensor:
+        return chunks.squared_norms(torch.bmm(G3[s].transpose(1, 2), A3[s]))
+
+    out = {}
+    if trainable(module.weight) and T == 1:
+        out["weight"] = chunks.squared_norms(A3) * chunks.squared_norms(G3)
+    elif trainable(module.weight) and (strategy == "ghost" or use_ghost_norm(T, d, p)):
+        out["weight"] = chunks.per_sample_chunked(ghost, B, 2 * T * T)
+    elif trainable(module.weight):
+        out["weight"] = chunks.per_sample_chunked(materialised, B, p * d)
+    if trainable(module.bias):
+        out["bias"] = chunks.squared_norms(G3.sum(dim=1))
     return out
 
 

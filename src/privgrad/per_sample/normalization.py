@@ -10,6 +10,7 @@ every axis the parameter is broadcast along.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privgrad.per_sample import chunks
-from privgrad.per_sample.registry import LayerRule, register
+from privgrad.per_sample.registry import LayerRule, register, trainable
 
 
 def _chunked(
@@ -27,10 +28,8 @@ def _chunked(
 
     @functools.wraps(rule)
     def chunked(module: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
-        if A.shape[0] == 0:
-            return rule(module, A, G)
         return chunks.per_sample_chunked(
-            lambda s: rule(module, A[s], G[s]), A.shape[0], 2 * A[0].numel())
+            lambda s: rule(module, A[s], G[s]), A.shape[0], 2 * math.prod(A.shape[1:]))
 
     return chunked
 
@@ -57,9 +56,9 @@ def _affine(
         return t.reshape(B, -1, *pshape).sum(dim=1)
 
     out = {}
-    if getattr(module, "weight", None) is not None:
+    if trainable(getattr(module, "weight", None)):
         out["weight"] = reduce(G * xhat)
-    if getattr(module, "bias", None) is not None:
+    if trainable(getattr(module, "bias", None)):
         out["bias"] = reduce(G)
     return out
 

@@ -32,6 +32,15 @@ ClippedSumFn = Callable[
 """``(module, A, G, {attr: factors (B,)}) -> {attr: param.shape}``: sum_i f_i g_i."""
 
 
+def trainable(param: torch.Tensor | None) -> bool:
+    """Whether a rule should compute this parameter's per-sample quantities.
+
+    Rules skip frozen parameters (and absent ones, e.g. ``bias=False``): a frozen weight's
+    per-sample gradients would be as large as a trainable one's and thrown away.
+    """
+    return param is not None and param.requires_grad
+
+
 @dataclass(frozen=True)
 class LayerRule:
     """How per-sample quantities of one layer family are computed.
