@@ -162,13 +162,24 @@ def test_bad_options_are_explained(tmp_path: Path, capsys, args, match) -> None:
     assert match in capsys.readouterr().err
 
 
-def test_a_fresh_run_never_discards_an_earlier_ledger(tmp_path: Path, capsys) -> None:
+def test_a_fresh_run_never_discards_an_earlier_ledger(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
     out, _ = _run(tmp_path)
     before = (out / "checkpoint.pt").read_bytes()
     assert main(["train", *FAST, "--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "checkpoint.pt").read_bytes() == before
     assert main(["train", *FAST, "--out", str(out), "--overwrite"]) == 0
+    # nor under torchrun (the guard runs before the process group is joined) ...
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["train", *FAST, "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    # ... nor a resumed run written into another run's directory
+    other, _ = _run(tmp_path, name="other")
+    assert main(["train", "--resume", str(out), "--out", str(other)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
 
 
 def test_unknown_clipping_and_resume_with_options_are_refused(tmp_path: Path, capsys) -> None:
