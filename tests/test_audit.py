@@ -35,8 +35,8 @@ class _PerTensorPlan(clipping.ClipPlan):
 
 
 def _quarter_noise(m: pytest.MonkeyPatch) -> None:
-    real = NoiseSource.gaussian
-    m.setattr(NoiseSource, "gaussian", lambda self, like, std: real(self, like, std / 4))
+    real = NoiseSource.add_gaussian
+    m.setattr(NoiseSource, "add_gaussian", lambda self, targets, std: real(self, targets, std / 4))
 
 
 def _no_clipping(m: pytest.MonkeyPatch) -> None:

@@ -36,7 +36,7 @@ from privgrad.per_sample.batch import (
 from privgrad.per_sample.capture import Capture
 from privgrad.per_sample.plan import plan_units
 from privgrad.physical import BatchResult, clip_batch
-from privgrad.trace import KEEPABLE, Segment, StepTrace, private_gradient
+from privgrad.trace import KEEPABLE, Segment, StepTrace
 
 MODES = ("auto", "ghost", "materialize", "vmap")
 
@@ -282,8 +282,14 @@ class DPEngine:
         clipped_sum = {n: _sum(r.clipped_sum[n] for r in results) for n in trainable}
         if self.distributed:  # the sum over every rank's samples, before the noise
             clipped_sum = distributed.all_reduce_sum(clipped_sum)
-        noise = self.noise.gaussian(clipped_sum, self.noise_std)
-        private = private_gradient(clipped_sum, noise, self.expected_batch_size)
+        # p.grad = (clipped sum + noise) / expected_batch_size, the noise drawn into a copy
+        # of the clipped sum in chunks: the step never holds a separate noise tensor, and
+        # the trace draws the same noise again if asked (NoiseDraw).
+        private = {n: s.clone(memory_format=torch.contiguous_format)
+                   for n, s in clipped_sum.items()}
+        noise = self.noise.add_gaussian(private, self.noise_std)
+        for g in private.values():
+            g.div_(self.expected_batch_size)
         norms = torch.cat([r.total_sq for r in results]).sqrt()
         factors = {g: torch.cat([r.factors[g] for r in results]) for g in results[0].factors}
         max_norm, noise_std = self.max_grad_norm, self.noise_std
@@ -297,12 +303,12 @@ class DPEngine:
             clip_factors=factors[next(iter(factors))] if self.plan.is_flat else factors,
             param_clip_factors={n: factors[self.plan.group_of[n]] for n in trainable},
             clipped_sum=clipped_sum,
-            noise=noise,
             noise_std=noise_std,
             expected_batch_size=self.expected_batch_size,
             batch_size=len(norms),
             max_grad_norm=max_norm,
             _segments=tuple(seg for seg, _ in pending),
+            _noise_draw=noise,
             _names=self._names,
             _shapes={n: p.shape for n, p in trainable.items()},
         )
@@ -397,9 +403,13 @@ def _autograd(loss: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, 
 
 
 def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of fresh tensors (one physical batch: that batch's own tensor, no copy)."""
     it = iter(tensors)
-    total = next(it).clone()
+    total = next(it)
+    copied = False
     for t in it:
+        if not copied:
+            total, copied = total.clone(), True
         total += t
     return total
 

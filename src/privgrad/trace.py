@@ -9,12 +9,14 @@ differential-privacy guarantee that ``engine.epsilon`` reports. Only ``private_g
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from privgrad.errors import TraceReleasedError
+from privgrad.noise import NoiseDraw
 from privgrad.per_sample.batch import LayerIO, per_sample_grads
 
 KEEPABLE = ("pre_clip", "post_clip")
@@ -75,7 +77,6 @@ class StepTrace:
             ``PerLayer`` clipping, ``{group name: (B,)}``.
         param_clip_factors: ``{param name: (B,)}`` the factor applied to each parameter.
         clipped_sum: ``{param name: p.shape}`` sum over samples of clipped gradients.
-        noise: ``{param name: p.shape}`` the Gaussian noise added to the clipped sum.
         noise_std: Standard deviation of ``noise`` (``σ · sensitivity``).
         expected_batch_size: The normaliser of the private gradient.
         batch_size: ``B``, the number of samples in this step.
@@ -88,14 +89,23 @@ class StepTrace:
     clip_factors: torch.Tensor | dict[str, torch.Tensor]
     param_clip_factors: dict[str, torch.Tensor]
     clipped_sum: dict[str, torch.Tensor]
-    noise: dict[str, torch.Tensor]
     noise_std: float
     expected_batch_size: float
     batch_size: int
     max_grad_norm: float
     _segments: tuple[Segment, ...] = field(repr=False)
+    _noise_draw: NoiseDraw = field(repr=False)
     _names: dict[int, str] = field(repr=False)
     _shapes: dict[str, torch.Size] = field(repr=False)
+
+    @functools.cached_property
+    def noise(self) -> dict[str, torch.Tensor]:
+        """``{param name: p.shape}`` the Gaussian noise added to the clipped sum. NOT PRIVATE.
+
+        Drawn again, bit for bit, from the generator state recorded at the step (the step
+        itself added it in place and kept no copy); held once asked for.
+        """
+        return self._noise_draw.values()
 
     @property
     def private_grad(self) -> dict[str, torch.Tensor]:
