@@ -380,6 +380,37 @@ def test_a_frozen_weight_is_never_materialised_for_its_trainable_bias(monkeypatc
     assert model[0].bias.grad is not None and model[0].weight.grad is None
 
 
+@pytest.mark.parametrize(("positions", "materialised"), [(None, False), (1, False), (64, True)])
+def test_small_gradients_are_materialised_only_when_not_larger_than_the_io(
+        monkeypatch, positions, materialised):
+    """A Linear on single vectors is book-kept however small (its ghost norm is free)."""
+    import dataclasses
+
+    from privgrad.per_sample import registry
+
+    monkeypatch.setattr(_ghost, "DENSE_ELEMENTS", PRODUCTION_DENSE_ELEMENTS)
+    called = []
+    rule = registry.lookup(nn.Linear(1, 1))
+
+    def spy(kind, fn):
+        return lambda *a: called.append(kind) or fn(*a)
+
+    monkeypatch.setitem(registry._RULES, nn.Linear, dataclasses.replace(
+        rule, per_sample_grads=spy("materialised", rule.per_sample_grads),
+        squared_norms=spy("book-kept", rule.squared_norms)))
+    model = nn.Linear(256, 10)  # 2570 parameters; B × params = 10,280 (small)
+    shape = (4, 256) if positions is None else (4, positions, 256)
+    x = torch.randn(shape, dtype=torch.float64)
+    model.double()
+    with pg.DPEngine(model, 0.0, max_grad_norm=1.0, expected_batch_size=4,
+                     self_check=False) as engine:
+        trace = engine.backward(sin_loss(model(x)))
+    assert called == ["materialised" if materialised else "book-kept"]
+    want = loop_per_sample_grads(model, lambda out, i: sin_loss(out)[0], x)
+    assert_close({n: trace.layer_norms[n] for n in want},
+                 {n: g.flatten(1).norm(dim=1) for n, g in want.items()})
+
+
 @settings(max_examples=30)
 @given(cfg=conv_cfg, candidate=st.sampled_from(["grouped", "unfold", "ghost"]))
 def test_every_conv_candidate_against_the_loop(cfg, candidate):

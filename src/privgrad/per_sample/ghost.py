@@ -4,9 +4,11 @@ A recorded call goes through this path when its rule has ``squared_norms`` and
 ``clipped_sum``, each of its parameters is used by that call alone in the step (a tied
 parameter, or a module called twice, needs the per-sample sum of its contributions before
 the norm, so it is materialised instead), and its per-sample gradients would be large.
-Small per-sample gradients (``B × parameters <= DENSE_ELEMENTS``) are materialised: they
-cost at most the layer's weight-gradient FLOPs once, and their clipped sum is then a cheap
-weighted sum, where book-keeping pays the norm and then the weight gradient again.
+Small per-sample gradients (``B × parameters <= DENSE_ELEMENTS``, and per sample at most
+twice the call's input plus output gradient) are materialised: they cost at most the
+layer's weight-gradient FLOPs once, and their clipped sum is then a cheap weighted sum,
+where book-keeping pays the norm and then the weight gradient again. A Linear on single
+vectors is always book-kept: its ghost norm ``|a|²·|g|²`` is next to free.
 Per-sample gradients are still available from the trace: they are materialised lazily
 from the same recorded ``A`` and ``G``.
 """
@@ -44,9 +46,21 @@ def split(
         rule = io.call.unit.rule
         alone = all(uses[names[id(p)]] == 1 for p in params)
         ok = rule is not None and rule.squared_norms is not None and rule.clipped_sum is not None
-        small = batch_size * sum(p.numel() for p in params) <= DENSE_ELEMENTS
+        small = _small(io, sum(p.numel() for p in params), batch_size)
         (ghost if ok and alone and not small else dense).append(io)
     return ghost, dense
+
+
+def _small(io: LayerIO, params: int, batch_size: int) -> bool:
+    """Whether a call's per-sample gradients are worth materialising (see the module doc).
+
+    They must be small (``B × params <= DENSE_ELEMENTS``) and not much larger than the
+    call's own input and output gradient per sample: otherwise (a Linear on single
+    vectors, ``T = 1``) the ghost norm costs next to nothing, and materialising would
+    only add a pass over ``B × params`` values.
+    """
+    per_sample_io = (io.A.numel() + io.G.numel()) // max(batch_size, 1)
+    return batch_size * params <= DENSE_ELEMENTS and params <= 2 * per_sample_io
 
 
 def squared_norms(
