@@ -68,6 +68,11 @@ def test_zero_std_adds_nothing_and_replays_zeros():
     assert torch.equal(draw.values()["a"], torch.zeros(40))
 
 
+def test_no_targets():
+    draw = NoiseSource(1).add_gaussian({}, 1.0)
+    assert draw.values() == {}
+
+
 def test_non_contiguous_target_is_refused():
     with pytest.raises(ValueError, match="contiguous"):
         NoiseSource(0).add_gaussian({"w": torch.zeros(8, 6).t()}, 1.0)

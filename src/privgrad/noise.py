@@ -10,7 +10,7 @@ who knows the seed can subtract the noise.
 Cost: drawing the Gaussians is the one part of a private step with no counterpart in
 non-private training (on a 2-core CPU, ~1.4 ms for 0.5 M parameters, close to a small
 MLP's whole step). The noise is drawn at its final scale and added to the gradient in
-place, ``CHUNK`` values at a time (``add_gaussian``), so a step never holds a second
+place, ``CHUNK`` values at a time on CPU (``add_gaussian``), so a step never holds a second
 parameter-sized noise tensor; the values are not kept either: a ``NoiseDraw`` records the
 generator state before the draw and draws exactly the same values again on request.
 Drawing the next step's noise in a background thread was measured slower on 2 cores (the
@@ -26,8 +26,17 @@ from dataclasses import dataclass
 import torch
 
 CHUNK = 1 << 16
-"""Values drawn per sampler call by ``add_gaussian`` (256 KiB of float32, a multiple of
-16: PyTorch's CPU sampler transforms uniforms 16 at a time)."""
+"""Values drawn per sampler call by ``add_gaussian`` on CPU (256 KiB of float32: stays in
+cache until added; a multiple of 16, as PyTorch's CPU sampler transforms 16 at a time)."""
+
+ACCELERATOR_CHUNK = 1 << 24
+"""Values per sampler call on other devices (a kernel launch costs more than a cache miss
+there; 64 MiB of float32 at most)."""
+
+
+def chunk_size(device: torch.device) -> int:
+    """Values drawn per sampler call on ``device`` (the same for a draw and its replay)."""
+    return CHUNK if device.type == "cpu" else ACCELERATOR_CHUNK
 
 
 def fresh_seed() -> int:
@@ -99,7 +108,7 @@ class NoiseSource:
     def add_gaussian(self, targets: Mapping[str, torch.Tensor], std: float) -> NoiseDraw:
         """Adds independent ``N(0, std²)`` noise to each tensor, in place and in order.
 
-        The noise is drawn ``CHUNK`` values at a time into a small buffer and added at once,
+        The noise is drawn ``chunk_size(device)`` values at a time into a buffer and added,
         so no parameter-sized noise tensor is ever allocated; ``t + noise`` is computed
         exactly as ``torch.add(t, noise)`` would.
 
@@ -116,15 +125,18 @@ class NoiseSource:
         gens: dict[torch.device, torch.Generator] = {}
         states: dict[torch.device, torch.Tensor] = {}
         buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        largest = max((x.numel() for x in targets.values()), default=0)
         for n, t in targets.items():
             if not t.is_contiguous():
-                raise ValueError(f"privgrad: add_gaussian needs contiguous tensors ({n!r}).")
+                raise ValueError(f"privgrad: add_gaussian adds noise in place to contiguous "
+                                 f"tensors; {n!r} is not. Fix: pass {n!r}.contiguous().")
             if t.device not in gens:
                 gens[t.device] = self._generator(t.device)
                 states[t.device] = gens[t.device].get_state()
             key = (t.dtype, t.device)
             if key not in buffers:
-                buffers[key] = torch.empty(CHUNK, dtype=t.dtype, device=t.device)
+                size = min(chunk_size(t.device), largest)
+                buffers[key] = torch.empty(size, dtype=t.dtype, device=t.device)
             _draw(t.view(-1), std, gens[t.device], buffers[key])
         return NoiseDraw(float(std), states, layout)
 
@@ -181,13 +193,14 @@ class NoiseDraw:
 
 
 def _draw(flat: torch.Tensor, std: float, gen: torch.Generator, buf: torch.Tensor | None) -> None:
-    """Noise for the 1-d ``flat``, ``CHUNK`` values per sampler call.
+    """Noise for the 1-d ``flat``, ``chunk_size(device)`` values per sampler call.
 
     Drawn into ``buf`` and added to ``flat`` in place, or (``buf=None``) written into
     ``flat``: the same sampler calls either way, hence the same values.
     """
-    for start in range(0, flat.numel(), CHUNK):
-        part = flat[start:start + CHUNK]
+    step = chunk_size(flat.device)
+    for start in range(0, flat.numel(), step):
+        part = flat[start:start + step]
         z = part if buf is None else buf[: part.numel()]
         z.normal_(0.0, std, generator=gen)
         if buf is not None:
