@@ -380,7 +380,10 @@ def test_a_frozen_weight_is_never_materialised_for_its_trainable_bias(monkeypatc
     assert model[0].bias.grad is not None and model[0].weight.grad is None
 
 
-@pytest.mark.parametrize(("positions", "materialised"), [(None, False), (1, False), (64, True)])
+# Linear(256, 10): 2570 parameters; per sample T·266 input and output-gradient values, so
+# materialised from T = 5 (2570 <= 2·5·266) on.
+@pytest.mark.parametrize(("positions", "materialised"),
+                         [(None, False), (1, False), (4, False), (5, True), (64, True)])
 def test_small_gradients_are_materialised_only_when_not_larger_than_the_io(
         monkeypatch, positions, materialised):
     """A Linear on single vectors is book-kept however small (its ghost norm is free)."""
@@ -409,6 +412,40 @@ def test_small_gradients_are_materialised_only_when_not_larger_than_the_io(
     want = loop_per_sample_grads(model, lambda out, i: sin_loss(out)[0], x)
     assert_close({n: trace.layer_norms[n] for n in want},
                  {n: g.flatten(1).norm(dim=1) for n, g in want.items()})
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+def test_functional_units_with_unusual_calls_in_book_keeping_modes(monkeypatch, mode):
+    """Modules without a rule called with keywords, a list, or a first output without a
+    gradient: their recorded arguments are not tensors and are never sized up."""
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.linspace(0.5, 2.0, 4, dtype=torch.float64))
+
+        def forward(self, x=None):
+            return x * self.w
+
+    class TwoOut(Scale):
+        def forward(self, x):
+            return x.argmax(1), x * self.w
+
+    class ListIn(Scale):
+        def forward(self, xs):
+            return xs[0] * self.w
+
+    monkeypatch.setattr(_ghost, "DENSE_ELEMENTS", PRODUCTION_DENSE_ELEMENTS)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    for module, call in [(Scale(), lambda m, v: m(x=v)), (TwoOut(), lambda m, v: m(v)[1]),
+                         (ListIn(), lambda m, v: m([v]))]:
+        with pg.DPEngine(module, 0.0, max_grad_norm=1e9, expected_batch_size=6,
+                         mode=mode) as engine:
+            trace = engine.backward(call(module, x).sin().sum(1))
+        want = torch.stack([torch.autograd.grad(call(module, x[i:i + 1]).sin().sum(),
+                                                module.w)[0] for i in range(6)])
+        torch.testing.assert_close(trace.layer_norms["w"], want.norm(dim=1))
+        torch.testing.assert_close(module.w.grad, want.sum(0) / 6)
 
 
 @settings(max_examples=30)

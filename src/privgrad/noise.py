@@ -126,10 +126,11 @@ class NoiseSource:
         states: dict[torch.device, torch.Tensor] = {}
         buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         largest = max((x.numel() for x in targets.values()), default=0)
-        for n, t in targets.items():
+        for n, t in targets.items():  # before any noise is drawn or added
             if not t.is_contiguous():
                 raise ValueError(f"privgrad: add_gaussian adds noise in place to contiguous "
                                  f"tensors; {n!r} is not. Fix: pass {n!r}.contiguous().")
+        for t in targets.values():
             if t.device not in gens:
                 gens[t.device] = self._generator(t.device)
                 states[t.device] = gens[t.device].get_state()
@@ -166,7 +167,8 @@ class NoiseDraw:
     """The record of one ``add_gaussian`` call: draws exactly the same noise again. NOT PRIVATE.
 
     Anyone holding it can recompute the noise that was added (and subtract it from the
-    private gradient), exactly like holding the noise itself.
+    private gradient), exactly like holding the noise itself; with a seeded engine the
+    recorded generator state also determines the noise of every later step.
 
     Attributes:
         std: Standard deviation of every value (0: no noise was added).

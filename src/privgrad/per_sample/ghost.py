@@ -46,13 +46,16 @@ def split(
         rule = io.call.unit.rule
         alone = all(uses[names[id(p)]] == 1 for p in params)
         ok = rule is not None and rule.squared_norms is not None and rule.clipped_sum is not None
-        small = _small(io, sum(p.numel() for p in params), batch_size)
-        (ghost if ok and alone and not small else dense).append(io)
+        book_keep = ok and alone and not _small(io, sum(p.numel() for p in params), batch_size)
+        (ghost if book_keep else dense).append(io)
     return ghost, dense
 
 
 def _small(io: LayerIO, params: int, batch_size: int) -> bool:
-    """Whether a call's per-sample gradients are worth materialising (see the module doc).
+    """Whether a rule call's per-sample gradients are worth materialising (module doc).
+
+    Only asked for calls with a ghost rule, whose ``A`` and ``G`` are tensors with the
+    batch on dim 0 (a functional unit's recorded arguments need not be).
 
     They must be small (``B × params <= DENSE_ELEMENTS``) and not much larger than the
     call's own input and output gradient per sample: otherwise (a Linear on single
