@@ -405,12 +405,11 @@ def _autograd(loss: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, 
 
 def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """The sum of fresh tensors (one physical batch: that batch's own tensor, no copy)."""
-    it = iter(tensors)
-    total = next(it)
-    copied = False
-    for t in it:
-        if not copied:
-            total, copied = total.clone(), True
+    first, *rest = tensors
+    if not rest:
+        return first
+    total = first.clone()
+    for t in rest:
         total += t
     return total
 
