@@ -355,28 +355,38 @@ def test_layers_on_both_sides_of_the_materialisation_threshold(threshold, mode):
         check(Net(), torch.randint(0, 11, (4, 7)), mode)
 
 
-def test_a_frozen_weight_is_never_materialised_for_its_trainable_bias(monkeypatch):
+def spy_linear_rule(monkeypatch) -> list[tuple[str, nn.Module, set[str]]]:
+    """Records each call of the Linear rule: ``(kind, module, parameters returned)``.
+
+    ``kind`` is ``"materialised"`` (per-sample gradients) or ``"book-kept"`` (norms). Also
+    restores the production materialisation threshold for the test.
+    """
     import dataclasses
 
     from privgrad.per_sample import registry
 
     monkeypatch.setattr(_ghost, "DENSE_ELEMENTS", PRODUCTION_DENSE_ELEMENTS)
-    computed = []  # (module, what the Linear rule returned)
+    calls = []
     rule = registry.lookup(nn.Linear(1, 1))
 
-    def spy(fn):
-        return lambda m, A, G, *a: computed.append((m, set(out := fn(m, A, G, *a)))) or out
+    def spy(kind, fn):
+        return lambda m, *a: calls.append((kind, m, set(out := fn(m, *a)))) or out
 
     monkeypatch.setitem(registry._RULES, nn.Linear, dataclasses.replace(
-        rule, per_sample_grads=spy(rule.per_sample_grads),
-        squared_norms=spy(rule.squared_norms)))
+        rule, per_sample_grads=spy("materialised", rule.per_sample_grads),
+        squared_norms=spy("book-kept", rule.squared_norms)))
+    return calls
+
+
+def test_a_frozen_weight_is_never_materialised_for_its_trainable_bias(monkeypatch):
+    calls = spy_linear_rule(monkeypatch)
     model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
     model[0].weight.requires_grad_(False)  # bias-only fine-tuning of the big layer
     with pg.DPEngine(model, 0.0, max_grad_norm=1.0, expected_batch_size=64,
                      self_check=False) as engine:
         engine.backward(model(torch.randn(64, 256)).sin().sum(1))
-    assert {frozenset(keys) for m, keys in computed if m is model[0]} == {frozenset({"bias"})}
-    assert any(m is model[2] for m, _ in computed)
+    assert {frozenset(keys) for _, m, keys in calls if m is model[0]} == {frozenset({"bias"})}
+    assert any(m is model[2] for _, m, _ in calls)
     assert model[0].bias.grad is not None and model[0].weight.grad is None
 
 
@@ -387,20 +397,7 @@ def test_a_frozen_weight_is_never_materialised_for_its_trainable_bias(monkeypatc
 def test_small_gradients_are_materialised_only_when_not_larger_than_the_io(
         monkeypatch, positions, materialised):
     """A Linear on single vectors is book-kept however small (its ghost norm is free)."""
-    import dataclasses
-
-    from privgrad.per_sample import registry
-
-    monkeypatch.setattr(_ghost, "DENSE_ELEMENTS", PRODUCTION_DENSE_ELEMENTS)
-    called = []
-    rule = registry.lookup(nn.Linear(1, 1))
-
-    def spy(kind, fn):
-        return lambda *a: called.append(kind) or fn(*a)
-
-    monkeypatch.setitem(registry._RULES, nn.Linear, dataclasses.replace(
-        rule, per_sample_grads=spy("materialised", rule.per_sample_grads),
-        squared_norms=spy("book-kept", rule.squared_norms)))
+    calls = spy_linear_rule(monkeypatch)
     model = nn.Linear(256, 10)  # 2570 parameters; B × params = 10,280 (small)
     shape = (4, 256) if positions is None else (4, positions, 256)
     x = torch.randn(shape, dtype=torch.float64)
@@ -408,7 +405,7 @@ def test_small_gradients_are_materialised_only_when_not_larger_than_the_io(
     with pg.DPEngine(model, 0.0, max_grad_norm=1.0, expected_batch_size=4,
                      self_check=False) as engine:
         trace = engine.backward(sin_loss(model(x)))
-    assert called == ["materialised" if materialised else "book-kept"]
+    assert [kind for kind, _, _ in calls] == ["materialised" if materialised else "book-kept"]
     want = loop_per_sample_grads(model, lambda out, i: sin_loss(out)[0], x)
     assert_close({n: trace.layer_norms[n] for n in want},
                  {n: g.flatten(1).norm(dim=1) for n, g in want.items()})

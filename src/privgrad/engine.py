@@ -77,8 +77,8 @@ class DPEngine:
             layer by the cost rule ``2T² < d·p``) | ``"materialize"`` (every per-sample
             gradient) | ``"vmap"`` (torch.func for every layer): performance only, the
             result is the same in every mode. In ``auto`` and ``ghost`` a layer whose
-            per-sample gradients are small (``per_sample.ghost.DENSE_ELEMENTS``, and not
-            larger than its input and output gradient) is materialised instead of
+            per-sample gradients are small (``per_sample.ghost.DENSE_ELEMENTS``, and per
+            sample at most twice its input and output gradient) is materialised instead of
             book-kept.
         seed: ``None`` for noise from OS entropy; an int for reproducible noise that is NOT
             secure.

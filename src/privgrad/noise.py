@@ -86,6 +86,8 @@ class NoiseSource:
     ) -> dict[str, torch.Tensor]:
         """Independent ``N(0, std²)`` noise shaped like each tensor, in order.
 
+        The same draws as ``add_gaussian`` on zeros (one sampling path for both).
+
         Args:
             like: ``{name: tensor}``; the noise has each tensor's shape, dtype and device.
             std: Standard deviation ``σ·sensitivity`` (0 gives zeros).
@@ -93,16 +95,9 @@ class NoiseSource:
         Returns:
             ``{name: noise}``.
         """
-        if std == 0:
-            return {n: torch.zeros_like(t) for n, t in like.items()}
-        out = {}
-        gens: dict[torch.device, torch.Generator] = {}
-        for n, t in like.items():
-            if t.device not in gens:
-                gens[t.device] = self._generator(t.device)
-            z = torch.empty_like(t)
-            z.normal_(0.0, std, generator=gens[t.device])
-            out[n] = z
+        out = {n: torch.zeros_like(t, memory_format=torch.contiguous_format)
+               for n, t in like.items()}
+        self.add_gaussian(out, std)
         return out
 
     def add_gaussian(self, targets: Mapping[str, torch.Tensor], std: float) -> NoiseDraw:
@@ -182,9 +177,10 @@ class NoiseDraw:
 
     def values(self) -> dict[str, torch.Tensor]:
         """``{name: noise}``: the values that ``add_gaussian`` added, bit for bit."""
-        out = {n: torch.zeros(s, dtype=d, device=dev) for n, (s, d, dev) in self.layout.items()}
         if self.std == 0:
-            return out
+            return {n: torch.zeros(s, dtype=d, device=dev)
+                    for n, (s, d, dev) in self.layout.items()}
+        out = {n: torch.empty(s, dtype=d, device=dev) for n, (s, d, dev) in self.layout.items()}
         gens = {}
         for dev, state in self.states.items():
             gens[dev] = torch.Generator(device=dev)

@@ -42,11 +42,12 @@ def split(
     uses = Counter(names[id(p)] for io in ios for p in io.call.unit.params.values())
     ghost, dense = [], []
     for io in ios:
-        params = io.call.unit.params.values()  # trainable: rules skip frozen parameters
+        params = io.call.unit.params.values()
         rule = io.call.unit.rule
         alone = all(uses[names[id(p)]] == 1 for p in params)
         ok = rule is not None and rule.squared_norms is not None and rule.clipped_sum is not None
-        book_keep = ok and alone and not _small(io, sum(p.numel() for p in params), batch_size)
+        size = sum(p.numel() for p in params if p.requires_grad)  # rules skip frozen ones
+        book_keep = ok and alone and not _small(io, size, batch_size)
         (ghost if book_keep else dense).append(io)
     return ghost, dense
 

@@ -37,7 +37,6 @@ def per_sample_grads(
     return out
 
 
-
 def use_ghost_norm(T: int, d: int, p: int) -> bool:
     """The cost rule: ghost wins when ``2T² < d·p``.
 
@@ -75,12 +74,13 @@ def squared_norms(
         return chunks.squared_norms(torch.bmm(G3[s].transpose(1, 2), A3[s]))
 
     out = {}
-    if trainable(module.weight) and T == 1:
-        out["weight"] = chunks.squared_norms(A3) * chunks.squared_norms(G3)
-    elif trainable(module.weight) and (strategy == "ghost" or use_ghost_norm(T, d, p)):
-        out["weight"] = chunks.per_sample_chunked(ghost, B, 2 * T * T)
-    elif trainable(module.weight):
-        out["weight"] = chunks.per_sample_chunked(materialised, B, p * d)
+    if trainable(module.weight):
+        if T == 1:
+            out["weight"] = chunks.squared_norms(A3) * chunks.squared_norms(G3)
+        elif strategy == "ghost" or use_ghost_norm(T, d, p):
+            out["weight"] = chunks.per_sample_chunked(ghost, B, 2 * T * T)
+        else:
+            out["weight"] = chunks.per_sample_chunked(materialised, B, p * d)
     if trainable(module.bias):
         out["bias"] = chunks.squared_norms(G3.sum(dim=1))
     return out
@@ -111,5 +111,6 @@ def clipped_sum(
     if "bias" in factors:
         out["bias"] = factors["bias"].to(G3.dtype) @ G3.sum(1)
     return out
+
 
 register(LayerRule(nn.Linear, per_sample_grads, squared_norms, clipped_sum))
