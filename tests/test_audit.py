@@ -35,8 +35,8 @@ class _PerTensorPlan(clipping.ClipPlan):
 
 
 def _quarter_noise(m: pytest.MonkeyPatch) -> None:
-    real = NoiseSource.add_gaussian
-    m.setattr(NoiseSource, "add_gaussian", lambda self, targets, std: real(self, targets, std / 4))
+    real = NoiseSource.fill_gaussian
+    m.setattr(NoiseSource, "fill_gaussian", lambda self, targets, std: real(self, targets, std / 4))
 
 
 def _no_clipping(m: pytest.MonkeyPatch) -> None:

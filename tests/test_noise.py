@@ -1,4 +1,4 @@
-"""Noise drawn in place (``add_gaussian``) and drawn again exactly (``NoiseDraw``)."""
+"""Noise written in place (``fill_gaussian``) and drawn again exactly (``NoiseDraw``)."""
 
 import math
 
@@ -8,94 +8,110 @@ import torch.nn.functional as F
 from torch import nn
 
 import privgrad as pg
-from privgrad.noise import CHUNK, NoiseSource
+from privgrad.noise import NoiseSource
 
-# Sizes below one chunk, exactly one, and across chunk boundaries with tails of 17 and of
-# fewer than 16 values (PyTorch's CPU sampler draws those with a different algorithm, so a
-# replay that ignored the chunking would differ there).
-SHAPES = {"w": (2 * CHUNK + 17,), "m": (300, 7), "tail": (5,), "one": (CHUNK,), "empty": (0, 3),
-          "short": (CHUNK + 5,), "short3": (3 * CHUNK + 3,)}
+# Sizes of fewer than 16 values (PyTorch's CPU sampler draws those with another algorithm),
+# with a tail after a multiple of 16, large, and empty.
+SHAPES = {"w": (70_001,), "m": (300, 7), "tail": (5,), "one": (1,), "empty": (0, 3),
+          "sixteen": (16,), "big": (3, 65_536)}
 
 
-def targets(dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=g, dtype=dtype) for n, s in SHAPES.items()}
+def filled(seed, dtype=torch.float32, std=0.7):
+    out = {n: torch.full(s, 9.0, dtype=dtype) for n, s in SHAPES.items()}
+    return out, NoiseSource(seed).fill_gaussian(out, std)
 
 
 @pytest.mark.parametrize("seed", [3, None], ids=["seeded", "secure"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_added_noise_is_drawn_again_bit_for_bit(seed, dtype):
-    before = targets(dtype)
-    after = {n: t.clone() for n, t in before.items()}
-    draw = NoiseSource(seed).add_gaussian(after, 0.7)
+def test_written_noise_is_drawn_again_bit_for_bit(seed, dtype):
+    out, draw = filled(seed, dtype)
     noise = draw.values()
-    for n, t in before.items():
+    for n, t in out.items():
         assert noise[n].shape == t.shape and noise[n].dtype == dtype
-        assert torch.equal(after[n], torch.add(t, noise[n])), n
-        assert t.numel() == 0 or float(noise[n].float().abs().sum()) > 0, n
+        assert torch.equal(t, noise[n]), n
+        assert not (t == 9.0).any(), n  # every value overwritten
     assert torch.equal(noise["m"], draw.values()["m"])  # every replay is the same
 
 
-def test_chunks_are_separate_sampler_calls():
-    """A tail of fewer than 16 values after a chunk is drawn by its own call."""
-    z = NoiseSource(4).add_gaussian({"z": torch.zeros(CHUNK + 5)}, 1.0).values()["z"]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_seeded_noise_is_one_generator_drawn_in_order(dtype):
+    """The oracle: one generator seeded with the seed, one sampler call per tensor."""
+    out, _ = filled(4, dtype, std=1.3)
     g = torch.Generator().manual_seed(4)
-    head, tail = torch.empty(CHUNK), torch.empty(5)
-    head.normal_(0.0, 1.0, generator=g)
-    tail.normal_(0.0, 1.0, generator=g)
-    assert torch.equal(z, torch.cat([head, tail]))
+    for n, shape in SHAPES.items():
+        assert torch.equal(out[n], torch.empty(shape, dtype=dtype).normal_(0, 1.3, generator=g)), n
 
 
-def test_noise_statistics_and_independence_across_chunks():
+def test_secure_draws_take_fresh_entropy_every_time():
+    seeds = iter([11, 12, 11])
+    source = NoiseSource(None, entropy=lambda: next(seeds))
+    draws = [source.gaussian({"w": torch.empty(100)}, 1.0)["w"] for _ in range(3)]
+    g = torch.Generator().manual_seed(12)
+    assert torch.equal(draws[1], torch.empty(100).normal_(0, 1, generator=g))
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+
+
+def test_noise_statistics_and_independence_across_tensors():
     sigma = 2.5
-    draw = NoiseSource(11).add_gaussian({"z": torch.zeros(4 * CHUNK, dtype=torch.float64)}, sigma)
-    z = draw.values()["z"]
-    n = z.numel()
+    like = {f"t{i}": torch.empty(1 << 16, dtype=torch.float64) for i in range(4)}
+    z = NoiseSource(11).fill_gaussian(like, sigma).values()
+    flat = torch.cat(list(z.values()))
+    n = flat.numel()
     # Mean within 5 standard errors; std within 5 standard errors of σ (sd of s ≈ σ/√(2n)).
-    assert abs(float(z.mean())) < 5 * sigma / math.sqrt(n)
-    assert abs(float(z.std()) - sigma) < 5 * sigma / math.sqrt(2 * n)
-    # A sampler restarted per chunk would repeat values; consecutive chunks are uncorrelated.
-    parts = z.view(4, CHUNK)
-    for a, b in zip(parts[:-1], parts[1:], strict=True):
-        assert not torch.equal(a, b)
-        r = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
-        assert abs(r) < 5 / math.sqrt(CHUNK)
+    assert abs(float(flat.mean())) < 5 * sigma / math.sqrt(n)
+    assert abs(float(flat.std()) - sigma) < 5 * sigma / math.sqrt(2 * n)
+    # A sampler restarted per tensor would repeat values; the tensors are uncorrelated.
+    parts = list(z.values())
+    for i in range(len(parts)):
+        for j in range(i + 1, len(parts)):
+            assert not torch.equal(parts[i], parts[j])
+            r = float(torch.corrcoef(torch.stack([parts[i], parts[j]]))[0, 1])
+            assert abs(r) < 5 / math.sqrt(1 << 16), (i, j)
 
 
 def test_replay_does_not_advance_the_seeded_generator():
-    like = {"a": torch.zeros(1000), "b": torch.zeros(CHUNK + 3)}
+    like = {"a": torch.zeros(1000), "b": torch.zeros(70_003)}
     plain, replayed = NoiseSource(5), NoiseSource(5)
-    plain.add_gaussian({n: t.clone() for n, t in like.items()}, 1.0)
-    replayed.add_gaussian({n: t.clone() for n, t in like.items()}, 1.0).values()
-    second = [s.add_gaussian({n: t.clone() for n, t in like.items()}, 1.0).values()
-              for s in (plain, replayed)]
+    plain.gaussian(like, 1.0)
+    replayed.fill_gaussian({n: t.clone() for n, t in like.items()}, 1.0).values()
+    second = [s.gaussian(like, 1.0) for s in (plain, replayed)]
     assert all(torch.equal(second[0][n], second[1][n]) for n in like)
-    assert not torch.equal(second[0]["a"], NoiseSource(5).add_gaussian(
-        {"a": torch.zeros(1000)}, 1.0).values()["a"])  # the second draw is a new one
+    assert not torch.equal(second[0]["a"], NoiseSource(5).gaussian(
+        {"a": torch.zeros(1000)}, 1.0)["a"])  # the second draw is a new one
 
 
-def test_zero_std_adds_nothing_and_replays_zeros():
+def test_seeded_state_round_trips():
+    a = NoiseSource(6)
+    a.gaussian({"w": torch.zeros(500)}, 1.0)
+    b = NoiseSource(None)
+    b.load_state_dict(a.state_dict())
+    like = {"w": torch.zeros(500)}
+    assert torch.equal(a.gaussian(like, 1.0)["w"], b.gaussian(like, 1.0)["w"])
+
+
+def test_zero_std_writes_zeros_and_replays_zeros():
     t = {"a": torch.randn(40)}
-    before = t["a"].clone()
-    draw = NoiseSource(None).add_gaussian(t, 0.0)
-    assert torch.equal(t["a"], before)
+    draw = NoiseSource(None).fill_gaussian(t, 0.0)
+    assert torch.equal(t["a"], torch.zeros(40))
     assert torch.equal(draw.values()["a"], torch.zeros(40))
 
 
 def test_no_targets():
-    draw = NoiseSource(1).add_gaussian({}, 1.0)
+    draw = NoiseSource(1).fill_gaussian({}, 1.0)
     assert draw.values() == {}
 
 
-def test_non_contiguous_target_is_refused():
+def test_non_contiguous_target_is_refused_before_anything_is_written():
+    ok = torch.full((10,), 3.0)
     with pytest.raises(ValueError, match="contiguous"):
-        NoiseSource(0).add_gaussian({"w": torch.zeros(8, 6).t()}, 1.0)
+        NoiseSource(0).fill_gaussian({"ok": ok, "w": torch.zeros(8, 6).t()}, 1.0)
+    assert torch.equal(ok, torch.full((10,), 3.0))
 
 
 @pytest.mark.parametrize("seed", [7, None], ids=["seeded", "secure"])
 def test_trace_noise_is_what_the_step_added(seed):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(300, 400), nn.ReLU(), nn.Linear(400, 3))  # 120k > CHUNK
+    model = nn.Sequential(nn.Linear(300, 400), nn.ReLU(), nn.Linear(400, 3))
     x, y = torch.randn(9, 300), torch.randint(0, 3, (9,))
     engine = pg.DPEngine(model, noise_multiplier=1.3, max_grad_norm=0.5, expected_batch_size=8,
                          seed=seed)

@@ -283,14 +283,15 @@ class DPEngine:
         clipped_sum = {n: _sum(r.clipped_sum[n] for r in results) for n in trainable}
         if self.distributed:  # the sum over every rank's samples, before the noise
             clipped_sum = distributed.all_reduce_sum(clipped_sum)
-        # p.grad = (clipped sum + noise) / expected_batch_size, the noise drawn into a copy
-        # of the clipped sum in chunks: the step never holds a separate noise tensor, and
-        # the trace draws the same noise again if asked (NoiseDraw).
-        private = {n: s.clone(memory_format=torch.contiguous_format)
+        # p.grad = (clipped sum + noise) / expected_batch_size, the noise drawn straight into
+        # the new gradient (noise + clipped sum: IEEE addition commutes, so bit for bit the
+        # same): the step never holds a separate noise tensor, and the trace draws the same
+        # noise again if asked (NoiseDraw).
+        private = {n: torch.empty(s.shape, dtype=s.dtype, device=s.device)
                    for n, s in clipped_sum.items()}
-        noise = self.noise.add_gaussian(private, self.noise_std)
-        for g in private.values():
-            g.div_(self.expected_batch_size)
+        noise = self.noise.fill_gaussian(private, self.noise_std)
+        for n, g in private.items():
+            g.add_(clipped_sum[n]).div_(self.expected_batch_size)
         norms = torch.cat([r.total_sq for r in results]).sqrt()
         factors = {g: torch.cat([r.factors[g] for r in results]) for g in results[0].factors}
         max_norm, noise_std = self.max_grad_norm, self.noise_std
