@@ -42,13 +42,17 @@ def test_seeded_noise_is_one_generator_drawn_in_order(dtype):
         assert torch.equal(out[n], torch.empty(shape, dtype=dtype).normal_(0, 1.3, generator=g)), n
 
 
-def test_secure_draws_take_fresh_entropy_every_time():
+def test_secure_draws_take_fresh_entropy_once_per_draw():
+    """One seed per draw and device, whatever the number of tensors (under torch.distributed
+    each seed is a broadcast from rank 0)."""
     seeds = iter([11, 12, 11])
     source = NoiseSource(None, entropy=lambda: next(seeds))
-    draws = [source.gaussian({"w": torch.empty(100)}, 1.0)["w"] for _ in range(3)]
+    like = {"w": torch.empty(100), "b": torch.empty(3)}
+    draws = [source.gaussian(like, 1.0) for _ in range(3)]
     g = torch.Generator().manual_seed(12)
-    assert torch.equal(draws[1], torch.empty(100).normal_(0, 1, generator=g))
-    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+    for n, t in like.items():
+        assert torch.equal(draws[1][n], torch.empty_like(t).normal_(0, 1, generator=g)), n
+        assert torch.equal(draws[0][n], draws[2][n]) and not torch.equal(draws[0][n], draws[1][n])
 
 
 def test_noise_statistics_and_independence_across_tensors():

@@ -112,7 +112,7 @@ class NoiseSource:
             for t in targets.values():
                 t.zero_()
             return NoiseDraw(0.0, {}, layout)
-        gens = {t.device: self._generator(t.device) for t in targets.values()}
+        gens = {d: self._generator(d) for d in dict.fromkeys(t.device for t in targets.values())}
         states = {d: g.get_state() for d, g in gens.items()}
         for t in targets.values():
             t.normal_(0.0, float(std), generator=gens[t.device])
