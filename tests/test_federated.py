@@ -47,6 +47,7 @@ def test_noise_std_is_sigma_c_over_expected_clients():
     noise = r.update["w"] - r.clipped_sum["w"] / 10
     assert abs(float(noise.std()) / (1.3 * 0.7 / 10) - 1) < 0.03
     torch.testing.assert_close(noise * 10, r.noise["w"])
+    assert torch.equal(r.update["w"], (r.clipped_sum["w"] + r.noise["w"]) / 10)  # bit for bit
 
 
 def test_empty_round_is_pure_noise_and_is_recorded():

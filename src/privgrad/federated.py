@@ -35,6 +35,7 @@ from privgrad.accounting.validation import check_noise_multiplier
 from privgrad.clipping import Adaptive, adaptive_next, clip_factors, record_release
 from privgrad.data import PoissonSampler, derived_seed
 from privgrad.noise import NoiseSource
+from privgrad.trace import private_gradient
 
 Update = Mapping[str, torch.Tensor]
 
@@ -183,7 +184,7 @@ class DPFedAvg:
                 clipped_sum[n] += u[n] * f
         std = self.noise_multiplier * C
         noise = self.noise.gaussian(clipped_sum, std)
-        update = {n: (clipped_sum[n] + noise[n]) / self.expected_clients for n in names}
+        update = private_gradient(clipped_sum, noise, self.expected_clients)
         self._record(norms)
         return RoundResult(update, clipped_sum, noise, norms, factors, C, std, len(updates))
 
