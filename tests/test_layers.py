@@ -446,7 +446,7 @@ def test_functional_units_with_unusual_calls_in_book_keeping_modes(monkeypatch, 
 
 
 @settings(max_examples=30)
-@given(cfg=conv_cfg, candidate=st.sampled_from(["grouped", "unfold", "ghost"]))
+@given(cfg=conv_cfg, candidate=st.sampled_from(["grouped", "unfold", "ghost", "gram"]))
 def test_every_conv_candidate_against_the_loop(cfg, candidate):
     """Each formula autotune may pick, forced, against per-sample autograd in float64."""
     from privgrad.per_sample import autotune
@@ -462,13 +462,34 @@ def test_every_conv_candidate_against_the_loop(cfg, candidate):
             want[n].append(g)
     want = {n: torch.stack(g) for n, g in want.items()}
 
-    if candidate == "ghost":  # the ghost formula is forced by its strategy
+    if candidate == "ghost":  # a ghost formula is forced by its strategy
         got = rules.squared_norms(m, A, G, "ghost")
+    elif candidate == "gram":  # timed only where it is cheap: called directly here
+        got = {"weight": rules._gram_sq_norms(m, A, G),
+               "bias": rules.squared_norms(m, A, G, "cost")["bias"]}
     else:  # a missing candidate raises KeyError: nothing falls back silently
         with mock.patch.object(autotune, "fastest", lambda key, c: c[candidate]()):
             assert_close(rules.per_sample_grads(m, A, G), want)
             got = rules.squared_norms(m, A, G, "measure")
     assert_close(got, {n: g.flatten(1).square().sum(1) for n, g in want.items()})
+
+
+@pytest.mark.parametrize("shape,stride,gram", [
+    ((64, 64, 4), 1, True),   # many channels, small image: the channel Gram needs fewer FLOPs
+    ((8, 8, 8), 2, False),    # stride 2: four times the padded positions, the unfolded rows win
+])
+def test_the_cheaper_ghost_formula_is_used(shape, stride, gram):
+    from privgrad.per_sample import conv as rules
+
+    cin, cout, hw = shape
+    m = nn.Conv2d(cin, cout, 3, padding=1, stride=stride, bias=False).double()
+    A = torch.randn(3, cin, hw, hw, dtype=torch.double)
+    G = torch.randn_like(m(A))
+    want = rules.per_sample_grads(m, A, G)["weight"].flatten(1).square().sum(1)
+    for strategy in ("ghost", "cost"):
+        with mock.patch.object(rules, "_gram_sq_norms", wraps=rules._gram_sq_norms) as spy:
+            assert_close(rules.squared_norms(m, A, G, strategy), {"weight": want})
+        assert spy.called == gram, strategy
 
 
 @pytest.mark.parametrize("d,p", [(3, 9), (9, 3)])  # A smaller, then G smaller

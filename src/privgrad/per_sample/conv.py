@@ -9,7 +9,9 @@ kernel the non-private backward uses.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,14 +135,10 @@ def _unfolded(module: _Conv, A: torch.Tensor) -> torch.Tensor:
     3–10× faster than ``F.unfold``'s kernel on the benchmark CNN's layers (CPU), and it
     also covers 3d.
     """
-    A, padding = padded_input(module, A)
-    if any(padding):
-        A = F.pad(A, [x for p in reversed(padding) for x in (p, p)])
-    A = A.contiguous()
+    A = _fully_padded(module, A)
     n = len(module.kernel_size)
-    B, C, space = A.shape[0], A.shape[1], A.shape[2:]
-    out = [(space[i] - module.dilation[i] * (module.kernel_size[i] - 1) - 1) // module.stride[i] + 1
-           for i in range(n)]
+    B, C = A.shape[0], A.shape[1]
+    out = _out_shape(module, A.shape[2:])
     strides = A.stride()
     view = A.as_strided(
         (B, C, *module.kernel_size, *out),
@@ -149,6 +147,52 @@ def _unfolded(module: _Conv, A: torch.Tensor) -> torch.Tensor:
     )
     L = math.prod(out)
     return view.reshape(B, module.groups, -1, L)
+
+
+def _fully_padded(module: _Conv, A: torch.Tensor) -> torch.Tensor:
+    """The input with all of the module's padding applied, contiguous."""
+    A, padding = padded_input(module, A)
+    if any(padding):
+        A = F.pad(A, [x for p in reversed(padding) for x in (p, p)])
+    return A.contiguous()
+
+
+def _out_shape(module: _Conv, padded: Sequence[int]) -> list[int]:
+    """Output spatial shape of the convolution of a fully padded input of shape ``padded``."""
+    return [(padded[i] - module.dilation[i] * (module.kernel_size[i] - 1) - 1)
+            // module.stride[i] + 1 for i in range(len(module.kernel_size))]
+
+
+def _gram_sq_norms(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` ghost norms from the channel Gram matrix of the padded input.
+
+    The unfolded rows of output positions ``o, o'`` have inner product
+    ``Σ_k M[o·s + k·δ, o'·s + k·δ]`` (stride ``s``, dilation ``δ``, kernel offsets ``k``),
+    where ``M = Xᵀ X`` is the Gram matrix of the padded input over its channels; each term
+    is a strided view of ``M``. So ``⟨A Aᵀ, G Gᵀ⟩`` needs ``P²·c`` multiply-adds for ``M``
+    (``P`` padded positions, ``c = C_in/groups``) and ``K`` additions of ``L²`` views,
+    instead of ``L²·c·K`` multiply-adds on the unfolded input.
+    """
+    B, g, p = A.shape[0], module.groups, module.out_channels // module.groups
+    X = _fully_padded(module, A)
+    space = X.shape[2:]
+    out, P, n = _out_shape(module, space), math.prod(space), len(space)
+    L = math.prod(out)
+    X = X.reshape(B * g, -1, P)
+    M = torch.bmm(X.transpose(1, 2), X)  # (B·g, P, P), row-major positions on both sides
+    place = [math.prod(space[i + 1:]) for i in range(n)]  # flat stride of each spatial dim
+    step = [module.stride[i] * place[i] for i in range(n)]
+    rows = M.stride(1)
+    cols_gram = torch.zeros(B * g, L * L, dtype=M.dtype, device=M.device)
+    for k in itertools.product(*(range(size) for size in module.kernel_size)):
+        start = sum(k[i] * module.dilation[i] * place[i] for i in range(n))
+        view = M.as_strided((B * g, *out, *out),
+                            (M.stride(0), *(rows * t for t in step), *step),
+                            M.storage_offset() + start * (rows + 1))
+        cols_gram.view(B * g, *out, *out).add_(view)
+    Gg = G.reshape(B * g, p, L)
+    gram_g = torch.bmm(Gg.transpose(1, 2), Gg).view(B * g, L * L)
+    return torch.linalg.vecdot(cols_gram, gram_g).view(B, g).sum(1)
 
 
 def _grads_by_unfold(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -171,13 +215,18 @@ def squared_norms(
     With ``L`` output positions, ``d = C_in/groups · K`` and ``p = C_out/groups``:
 
     * ghost: per group ``⟨A Aᵀ, G Gᵀ⟩`` over positions on the unfolded input;
+    * gram: the same ``⟨A Aᵀ, G Gᵀ⟩`` with ``A Aᵀ`` gathered from the Gram matrix of the
+      padded input over its channels (``_gram_sq_norms``: about ``K``× fewer FLOPs at
+      stride 1, more with large strides or many padded positions);
     * grouped: the per-sample gradient from one weight-gradient kernel with the batch
       folded into the groups, reduced at once;
     * unfold: the per-sample gradient as ``G Aᵀ`` with a batched matmul.
 
-    ``strategy="cost"`` takes ghost when ``2L² < d·p``, else grouped; ``"measure"`` times
-    the candidates once per layer shape and keeps the fastest (ghost is not timed when it
-    needs over 4× the FLOPs of a materialised gradient); ``"ghost"`` forces ghost.
+    ``strategy="cost"`` takes a ghost norm when ``2L² < d·p``, else grouped; ``"measure"``
+    times the candidates once per layer shape and keeps the fastest (ghost is not timed
+    when ``2L² > 4·d·p``, gram not when it needs over 4× the FLOPs of a materialised
+    gradient); ``"ghost"`` forces a ghost norm. A ghost norm is computed by whichever of
+    ghost and gram needs fewer FLOPs.
 
     Returns:
         ``{"weight": (B,), "bias": (B,)}``, trainable parameters only.
@@ -213,17 +262,25 @@ def _weight_sq_norms(
     def unfold(s: slice) -> torch.Tensor:
         return chunks.squared_norms(_grads_by_unfold(module, A[s], G[s]).view(A[s].shape[0], -1))
 
+    padded = [size + lo + hi for size, (lo, hi) in zip(A.shape[2:], _pads(module), strict=True)]
+    P, K, c = math.prod(padded), math.prod(module.kernel_size), module.in_channels // g
+    flops = {  # multiply-adds per sample and group
+        "ghost": L * L * (d + p), "gram": P * P * c + L * L * (p + K), "grouped": L * d * p}
     formulas = {  # formula, largest intermediate per sample
         "ghost": (ghost, g * (d * L + 2 * L * L)),
+        "gram": (lambda s: _gram_sq_norms(module, A[s], G[s]),
+                 g * (P * P + 2 * L * L) + module.in_channels * P),
         "grouped": (grouped, g * p * d),
         "unfold": (unfold, g * (d * L + p * d)),
     }
+    cheaper_ghost = min(("ghost", "gram"), key=flops.__getitem__)
     if strategy == "ghost":
-        names = ["ghost"]
-    elif strategy == "measure":  # ghost is not timed when it needs 4× the FLOPs
-        names = ["grouped", "unfold"] + (["ghost"] if 2 * L * L <= 4 * d * p else [])
+        names = [cheaper_ghost]
+    elif strategy == "measure":  # a ghost formula is not timed when it needs 4× the FLOPs
+        names = ["grouped", "unfold"] + (["ghost"] if 2 * L * L <= 4 * d * p else []) + (
+            ["gram"] if flops["gram"] <= 4 * flops["grouped"] else [])
     else:
-        names = ["ghost" if 2 * L * L < d * p else "grouped"]
+        names = [cheaper_ghost if 2 * L * L < d * p else "grouped"]
     candidates = {
         n: (lambda fn=formulas[n][0], size=formulas[n][1]: chunks.per_sample_chunked(fn, B, size))
         for n in names
