@@ -33,6 +33,10 @@ def per_sample_chunked(
 ) -> Out:
     """Concatenates ``fn(chunk)`` over batch chunks.
 
+    Each chunk's values are copied into the ``(B, ...)`` result as soon as they are
+    computed, so at most one chunk's values exist beside the result (``torch.cat`` of
+    all the chunks would briefly hold the result twice).
+
     Args:
         fn: Maps a slice of sample indices to that chunk's per-sample values: a tensor
             ``(b, ...)`` or a dict of them.
@@ -45,10 +49,15 @@ def per_sample_chunked(
     step = chunk_size(batch_size, elements_per_sample)
     if step >= batch_size:
         return fn(slice(0, batch_size))
-    parts = [fn(slice(s, min(s + step, batch_size))) for s in range(0, batch_size, step)]
-    if isinstance(parts[0], dict):
-        return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
-    return torch.cat(parts)
+    out = None
+    for start in range(0, batch_size, step):
+        part = fn(slice(start, min(start + step, batch_size)))
+        parts = part if isinstance(part, dict) else {None: part}
+        if out is None:
+            out = {k: v.new_empty(batch_size, *v.shape[1:]) for k, v in parts.items()}
+        for k, v in parts.items():
+            out[k][start:start + v.shape[0]] = v
+    return out if isinstance(part, dict) else out[None]
 
 
 def squared_norms(x: torch.Tensor) -> torch.Tensor:
