@@ -215,9 +215,9 @@ def squared_norms(
     With ``L`` output positions, ``d = C_in/groups · K`` and ``p = C_out/groups``:
 
     * ghost: per group ``⟨A Aᵀ, G Gᵀ⟩`` over positions on the unfolded input;
-    * gram: the same ``⟨A Aᵀ, G Gᵀ⟩`` with ``A Aᵀ`` gathered from the Gram matrix of the
-      padded input over its channels (``_gram_sq_norms``: about ``K``× fewer FLOPs at
-      stride 1, more with large strides or many padded positions);
+    * gram: the same ``⟨A Aᵀ, G Gᵀ⟩`` with ``A Aᵀ`` summed from ``K`` strided views of
+      the Gram matrix of the padded input over its channels (``_gram_sq_norms``: about
+      ``K``× fewer FLOPs at stride 1, more with large strides or much padding);
     * grouped: the per-sample gradient from one weight-gradient kernel with the batch
       folded into the groups, reduced at once;
     * unfold: the per-sample gradient as ``G Aᵀ`` with a batched matmul.
