@@ -474,6 +474,30 @@ def test_every_conv_candidate_against_the_loop(cfg, candidate):
     assert_close(got, {n: g.flatten(1).square().sum(1) for n, g in want.items()})
 
 
+@pytest.mark.parametrize("conv,size", [
+    (nn.Conv2d(3, 4, (2, 3), stride=(1, 2), dilation=(2, 1), padding=(1, 0)), (7, 9)),
+    (nn.Conv2d(2, 4, (2, 4), dilation=(1, 2), padding="same", padding_mode="reflect"), (6, 8)),
+    (nn.Conv3d(4, 6, (1, 2, 3), stride=(2, 1, 1), dilation=(1, 1, 2), padding=(0, 1, 2),
+               groups=2, padding_mode="circular"), (5, 4, 6)),
+    (nn.Conv1d(6, 3, 3, stride=2, dilation=2, padding=3, groups=3, padding_mode="replicate"),
+     (11,)),
+])
+def test_gram_norms_on_anisotropic_convolutions(conv, size):
+    """Different kernel, stride, dilation and padding per dimension: the strided views of
+    the channel Gram matrix must step each dimension by its own amounts."""
+    from privgrad.per_sample import conv as rules
+
+    m = conv.double()
+    A = torch.randn(3, m.in_channels, *size, dtype=torch.double)
+    G = torch.randn_like(m(A))
+    want = []
+    for i in range(3):
+        g, = torch.autograd.grad((m(A[i:i + 1]) * G[i:i + 1]).sum(), m.weight)
+        want.append(g.square().sum())
+    torch.testing.assert_close(rules._gram_sq_norms(m, A, G), torch.stack(want), rtol=1e-10,
+                               atol=0)
+
+
 @pytest.mark.parametrize("shape,stride,gram", [
     ((64, 64, 4), 1, True),   # many channels, small image: the channel Gram needs fewer FLOPs
     ((8, 8, 8), 2, False),    # stride 2: four times the padded positions, the unfolded rows win

@@ -112,11 +112,12 @@ def test_non_contiguous_target_is_refused_before_anything_is_written():
     assert torch.equal(ok, torch.full((10,), 3.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seed", [7, None], ids=["seeded", "secure"])
-def test_trace_noise_is_what_the_step_added(seed):
+def test_trace_noise_is_what_the_step_added(seed, dtype):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(300, 400), nn.ReLU(), nn.Linear(400, 3))
-    x, y = torch.randn(9, 300), torch.randint(0, 3, (9,))
+    model = nn.Sequential(nn.Linear(300, 400), nn.ReLU(), nn.Linear(400, 3)).to(dtype)
+    x, y = torch.randn(9, 300, dtype=dtype), torch.randint(0, 3, (9,))
     engine = pg.DPEngine(model, noise_multiplier=1.3, max_grad_norm=0.5, expected_batch_size=8,
                          seed=seed)
     trace = engine.backward(F.cross_entropy(model(x), y, reduction="none"))

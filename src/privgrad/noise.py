@@ -8,17 +8,18 @@ without a dedicated secure sampler, it is not hardened against floating-point at
 who knows the seed can subtract the noise.
 
 Cost: drawing the Gaussians is the one part of a private step with no counterpart in
-non-private training (on a 2-core CPU, ~1.3 ms for 0.5 M parameters, close to a small
-MLP's whole step). The noise is written straight into the tensor that becomes ``p.grad``
-(``fill_gaussian``; the engine then adds the clipped sum), so a step never holds a separate
-noise tensor; the values are not kept either: a ``NoiseDraw`` records the generator state
-before the draw and draws exactly the same values again on request.
+non-private training (on a 2-core CPU, 1.3 ms for 0.5 M parameters on an idle machine,
+1.45 ms inside a training step: close to a small MLP's whole step). The noise is written
+straight into the tensor that becomes ``p.grad`` (``fill_gaussian``; the engine then adds
+the clipped sum), so a step never holds a separate noise tensor; the values are not kept
+either: a ``NoiseDraw`` records the generator state before the draw and draws exactly the
+same values again on request.
 
 PyTorch's CPU sampler runs on one core. Drawing on a second thread, either the next step's
 noise in the background or half of this step's (independent generators per chunk), was
 measured slower on 2 cores: after the step's kernels PyTorch's OpenMP workers keep spinning
 on the other core, and a second drawing thread gets half of it (0.5 M values: 0.80 ms on an
-idle machine, 1.6 ms inside the training step, against 1.45 ms drawn serially).
+idle machine, 1.6 ms inside the training step, against 1.29 and 1.45 ms drawn serially).
 """
 
 from __future__ import annotations

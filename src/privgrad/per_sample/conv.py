@@ -169,11 +169,13 @@ def _gram_sq_norms(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.Ten
     The unfolded rows of output positions ``o, o'`` have inner product
     ``Σ_k M[o·s + k·δ, o'·s + k·δ]`` (stride ``s``, dilation ``δ``, kernel offsets ``k``),
     where ``M = Xᵀ X`` is the Gram matrix of the padded input over its channels; each term
-    is a strided view of ``M``. So ``⟨A Aᵀ, G Gᵀ⟩`` needs ``P²·c`` multiply-adds for ``M``
-    (``P`` padded positions, ``c = C_in/groups``) and ``K`` additions of ``L²`` views,
-    instead of ``L²·c·K`` multiply-adds on the unfolded input.
+    is a strided view of ``M``. So ``A Aᵀ`` needs ``P²·c`` multiply-adds for ``M`` (``P``
+    padded positions, ``c = C_in/groups``) and ``K`` additions of ``L²`` views, instead of
+    ``L²·c·K`` multiply-adds on the unfolded input: ``K·(L/P)²`` times fewer (9 × (64/100)²
+    ≈ 3.7 for a 3×3 conv on 8×8 at padding 1; the norm as a whole ≈ 3× fewer with 256
+    channels).
     """
-    B, g, p = A.shape[0], module.groups, module.out_channels // module.groups
+    B, g = A.shape[0], module.groups
     X = _fully_padded(module, A)
     space = X.shape[2:]
     out, P, n = _out_shape(module, space), math.prod(space), len(space)
@@ -190,9 +192,15 @@ def _gram_sq_norms(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.Ten
                             (M.stride(0), *(rows * t for t in step), *step),
                             M.storage_offset() + start * (rows + 1))
         cols_gram.view(B * g, *out, *out).add_(view)
-    Gg = G.reshape(B * g, p, L)
-    gram_g = torch.bmm(Gg.transpose(1, 2), Gg).view(B * g, L * L)
-    return torch.linalg.vecdot(cols_gram, gram_g).view(B, g).sum(1)
+    del X, M  # before the output gradient's Gram matrix: peak P² + 2L² per sample and group
+    gram_g = _output_gram(G, g).view(B * g, L * L)
+    return cols_gram.mul_(gram_g).sum(1).view(B, g).sum(1)
+
+
+def _output_gram(G: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(B · groups, L, L)``: per sample and group, ``Gᵀ G`` over the output positions."""
+    Gg = G.reshape(G.shape[0] * groups, G.shape[1] // groups, -1)
+    return torch.bmm(Gg.transpose(1, 2), Gg)
 
 
 def _grads_by_unfold(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -216,8 +224,8 @@ def squared_norms(
 
     * ghost: per group ``⟨A Aᵀ, G Gᵀ⟩`` over positions on the unfolded input;
     * gram: the same ``⟨A Aᵀ, G Gᵀ⟩`` with ``A Aᵀ`` summed from ``K`` strided views of
-      the Gram matrix of the padded input over its channels (``_gram_sq_norms``: about
-      ``K``× fewer FLOPs at stride 1, more with large strides or much padding);
+      the Gram matrix of the padded input over its channels (``_gram_sq_norms``: up to
+      ``K``× fewer FLOPs for ``A Aᵀ`` at stride 1 on large images, more with large strides);
     * grouped: the per-sample gradient from one weight-gradient kernel with the batch
       folded into the groups, reduced at once;
     * unfold: the per-sample gradient as ``G Aᵀ`` with a batched matmul.
@@ -251,8 +259,7 @@ def _weight_sq_norms(
     def ghost(s: slice) -> torch.Tensor:
         a, b = A[s], A[s].shape[0]
         cols = _unfolded(module, a).reshape(b * g, d, L)
-        Gg = G[s].reshape(b * g, p, L)
-        gram = torch.bmm(cols.transpose(1, 2), cols) * torch.bmm(Gg.transpose(1, 2), Gg)
+        gram = torch.bmm(cols.transpose(1, 2), cols).mul_(_output_gram(G[s], g))
         return gram.sum((1, 2)).view(b, g).sum(1)
 
     def grouped(s: slice) -> torch.Tensor:
