@@ -26,6 +26,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/accounting_bench.py
+	cd benchmarks && ../$(PY) conv_norms_bench.py
 	$(PY) benchmarks/train_accuracy.py
 	cd benchmarks && ../$(PY) distributed_bench.py
 

@@ -1,0 +1,104 @@
+"""Per-sample norm of one convolution layer: each exact formula against the weight gradient.
+
+For 3×3 convolutions (padding 1) from small to ResNet-late-stage shapes, at B = 32, times
+the ordinary (non-private) weight gradient and each formula privgrad has for the per-sample
+squared norms of the weight gradient: the ghost norm on the unfolded input, the ghost norm
+from the channel Gram matrix of the padded input ("gram"), and the materialised per-sample
+gradient (grouped-convolution kernel, or im2col and a batched matmul); then what `auto`
+picks for the layer and its time.
+A book-kept layer pays its norm on top of one weight gradient (its clipped sum).
+
+Writes its table between markers in benchmarks/RESULTS.md (the rest of the file is left
+as it is). Run: .venv/bin/python benchmarks/conv_norms_bench.py
+"""
+
+import platform
+import statistics
+import time
+from unittest import mock
+
+import torch
+from torch import nn
+
+from privgrad.per_sample import autotune, conv
+from sections import write_section
+
+B = 32
+LAYERS = [  # (C_in, C_out, image side, stride)
+    (64, 64, 8, 1), (64, 128, 4, 1),  # the benchmark CNN's conv2 and conv3
+    (128, 128, 16, 1), (256, 256, 8, 1), (512, 512, 4, 1), (512, 512, 7, 1),
+    (256, 512, 8, 2),
+]
+FORMULAS = {"ghost": "ghost (unfolded)", "gram": "gram", "grouped": "materialised (grouped)",
+            "unfold": "materialised (im2col)"}
+BEGIN, END = "<!-- conv-norms-bench:begin -->", "<!-- conv-norms-bench:end -->"
+
+
+def median_ms(fn, seconds: float = 1.0, most: int = 15) -> float:
+    """Median time of ``fn`` in ms over up to ``most`` runs or ``seconds``, after a warm-up."""
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or (len(times) < most and time.perf_counter() - start < seconds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def forced(name: str, m: nn.Module, A: torch.Tensor, G: torch.Tensor) -> float | None:
+    """Time of the norm by formula ``name`` (None if `auto` would not consider it)."""
+    def run():
+        with mock.patch.object(autotune, "fastest", lambda key, c: c[name]()):
+            return conv.squared_norms(m, A, G, "measure")
+
+    try:
+        run()
+    except KeyError:
+        return None
+    return median_ms(run)
+
+
+def main():
+    torch.manual_seed(0)
+    rows = []
+    for cin, cout, side, stride in LAYERS:
+        m = nn.Conv2d(cin, cout, 3, padding=1, stride=stride, bias=False)
+        A = torch.randn(B, cin, side, side)
+        with torch.no_grad():
+            G = torch.randn_like(m(A))
+        wgrad = median_ms(lambda: conv._weight_grad(m, A, G, 1))  # noqa: B023
+        times = {n: forced(n, m, A, G) for n in FORMULAS}
+        autotune._CHOICE.clear()
+        conv.squared_norms(m, A, G, "measure")  # auto times its candidates once
+        pick = next(v for k, v in autotune._CHOICE.items() if k[0] == "conv")
+        auto = median_ms(lambda: conv.squared_norms(m, A, G, "measure"))  # noqa: B023
+        rows.append((f"{cin}→{cout}, {side}×{side}, stride {stride}", wgrad, times, pick, auto))
+        print(rows[-1], flush=True)
+    cells = " | ".join(f"{label} ms" for label in FORMULAS.values())
+    lines = [
+        BEGIN,
+        "## Per-sample norms of one convolution layer",
+        "",
+        f"3×3 convolution, padding 1, B = {B}, float32; measured in one run on "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads (`benchmarks/conv_norms_bench.py`). Median ms of "
+        "the weight gradient (what non-private training computes for the layer) and of each "
+        "formula for the per-sample squared norms (— = not a candidate: over 4× the FLOPs of "
+        "the materialised gradient); `auto` = the formula `auto` picked by timing, and its "
+        "time as a ratio to the weight gradient. A book-kept layer pays its norm plus one "
+        "weight gradient (the clipped sum).",
+        "",
+        f"| layer | weight gradient ms | {cells} | auto picks | auto / weight gradient |",
+        "|---|---|" + "---|" * len(FORMULAS) + "---|---|",
+    ]
+    for name, wgrad, times, pick, auto in rows:
+        shown = " | ".join("—" if times[n] is None else f"{times[n]:.2f}" for n in FORMULAS)
+        lines.append(f"| {name} | {wgrad:.2f} | {shown} | {pick} | {auto / wgrad:.2f}× |")
+    lines.append(END)
+    block = "\n".join(lines)
+    print(block)
+    write_section(BEGIN, END, block)
+
+
+if __name__ == "__main__":
+    main()
