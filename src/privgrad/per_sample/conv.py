@@ -192,7 +192,7 @@ def _gram_sq_norms(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.Ten
                             (M.stride(0), *(rows * t for t in step), *step),
                             M.storage_offset() + start * (rows + 1))
         cols_gram.view(B * g, *out, *out).add_(view)
-    del X, M  # before the output gradient's Gram matrix: peak P² + 2L² per sample and group
+    del X, M, view  # freed before the output gradient's Gram: peak P² + 2L² per sample/group
     gram_g = _output_gram(G, g).view(B * g, L * L)
     return cols_gram.mul_(gram_g).sum(1).view(B, g).sum(1)
 
