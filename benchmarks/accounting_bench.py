@@ -10,7 +10,7 @@ import time
 import torch
 
 from privgrad.accounting import PrivacyLedger
-from sections import write_section
+from sections import publish
 
 SIGMA, Q, STEPS, DELTA = 1.1, 256 / 60000, 100_000, 1e-5
 BEGIN, END = "<!-- accounting-bench:begin -->", "<!-- accounting-bench:end -->"
@@ -48,7 +48,6 @@ def main():
     except ImportError:
         pass
     lines = [
-        BEGIN,
         "## Accounting: ε after 100,000 identical steps",
         "",
         f"σ = {SIGMA}, q = 256/60000, δ = {DELTA}; measured in one run on "
@@ -61,10 +60,7 @@ def main():
     ]
     for name, eps, a, b, c, d in rows:
         lines.append(f"| {name} | {eps:.4f} | {a:.3f} | {b:.3f} | {c:.6f} | {d:.3f} |")
-    lines.append(END)
-    block = "\n".join(lines)
-    print(block)
-    write_section(BEGIN, END, block)
+    publish(BEGIN, END, lines)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from privgrad.per_sample import autotune, conv
-from sections import write_section
+from sections import publish
 
 B = 32
 LAYERS = [  # (C_in, C_out, image side, stride)
@@ -76,7 +76,6 @@ def main():
         print(rows[-1], flush=True)
     cells = " | ".join(f"{label} ms" for label in FORMULAS.values())
     lines = [
-        BEGIN,
         "## Per-sample norms of one convolution layer",
         "",
         f"3×3 convolution, padding 1, B = {B}, float32; measured in one run on "
@@ -94,10 +93,7 @@ def main():
     for name, wgrad, times, pick, auto in rows:
         shown = " | ".join("—" if times[n] is None else f"{times[n]:.2f}" for n in FORMULAS)
         lines.append(f"| {name} | {wgrad:.2f} | {shown} | {pick} | {auto / wgrad:.2f}× |")
-    lines.append(END)
-    block = "\n".join(lines)
-    print(block)
-    write_section(BEGIN, END, block)
+    publish(BEGIN, END, lines)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 import privgrad as pg
 from models import SPECS
-from sections import write_section
+from sections import publish
 
 BEGIN, END = "<!-- distributed-bench:begin -->", "<!-- distributed-bench:end -->"
 WARMUP, STEPS = 3, 15
@@ -83,7 +83,6 @@ def main() -> None:
         print(f"B={B}: 1 process {one * 1e3:.1f} ms, 2 processes {two * 1e3:.1f} ms", flush=True)
     cores = os.cpu_count()
     lines = [
-        BEGIN,
         "## Distributed: 1 vs 2 processes on the benchmark transformer",
         "",
         f"privgrad `auto`, σ = 1, global batch B split evenly over the ranks (gloo, CPU); "
@@ -105,11 +104,8 @@ def main() -> None:
         "for the shared noise per step) with splitting each kernel over threads. It says "
         "nothing about scaling to more hardware; on several machines each rank brings its "
         "own cores.",
-        END,
     ]
-    block = "\n".join(lines)
-    print(block)
-    write_section(BEGIN, END, block)
+    publish(BEGIN, END, lines)
 
 
 if __name__ == "__main__":

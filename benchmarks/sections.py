@@ -17,3 +17,10 @@ def write_section(begin: str, end: str, block: str, path: pathlib.Path = RESULTS
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def publish(begin: str, end: str, body: list[str], path: pathlib.Path = RESULTS) -> None:
+    """Prints the section (``begin``, the ``body`` lines, ``end``) and writes it to ``path``."""
+    block = "\n".join([begin, *body, end])
+    print(block)
+    write_section(begin, end, block, path)
