@@ -25,7 +25,7 @@ idle machine, 1.6 ms inside the training step, against 1.29 and 1.45 ms drawn se
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -115,8 +115,7 @@ class NoiseSource:
             return NoiseDraw(0.0, {}, layout)
         gens = {d: self._generator(d) for d in dict.fromkeys(t.device for t in targets.values())}
         states = {d: g.get_state() for d, g in gens.items()}
-        for t in targets.values():
-            t.normal_(0.0, float(std), generator=gens[t.device])
+        _draw(targets.values(), float(std), gens)
         return NoiseDraw(float(std), states, layout)
 
     def scalar(self, std: float) -> float:
@@ -161,10 +160,16 @@ class NoiseDraw:
             return {n: torch.zeros(s, dtype=d, device=dev)
                     for n, (s, d, dev) in self.layout.items()}
         out = {n: torch.empty(s, dtype=d, device=dev) for n, (s, d, dev) in self.layout.items()}
-        gens = {dev: _restored(dev, state) for dev, state in self.states.items()}
-        for z in out.values():
-            z.normal_(0.0, self.std, generator=gens[z.device])
+        _draw(out.values(), self.std, {d: _restored(d, st) for d, st in self.states.items()})
         return out
+
+
+def _draw(
+    targets: Iterable[torch.Tensor], std: float, gens: Mapping[torch.device, torch.Generator]
+) -> None:
+    """The one sampling path of a draw and of its replay: in order, one call per tensor."""
+    for t in targets:
+        t.normal_(0.0, std, generator=gens[t.device])
 
 
 def _restored(device: torch.device, state: torch.Tensor) -> torch.Generator:

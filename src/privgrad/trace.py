@@ -103,7 +103,7 @@ class StepTrace:
         """``{param name: p.shape}`` the Gaussian noise added to the clipped sum. NOT PRIVATE.
 
         Drawn again, bit for bit, from the generator state recorded at the step (the step
-        itself added it in place and kept no copy); held once asked for.
+        drew it straight into ``p.grad`` and kept no copy); held once asked for.
         """
         return self._noise_draw.values()
 
