@@ -1,4 +1,5 @@
-"""Noise written in place (``fill_gaussian``) and drawn again exactly (``NoiseDraw``)."""
+"""Noise written (``fill_gaussian``) or added (``add_gaussian``) in place, and drawn again
+exactly (``NoiseDraw``)."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import privgrad as pg
-from privgrad.noise import NoiseSource
+from privgrad.noise import CHUNK, NoiseSource
 
 # Sizes of fewer than 16 values (PyTorch's CPU sampler draws those with another algorithm),
 # with a tail after a multiple of 16, large, and empty.
@@ -35,11 +36,43 @@ def test_written_noise_is_drawn_again_bit_for_bit(seed, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_seeded_noise_is_one_generator_drawn_in_order(dtype):
-    """The oracle: one generator seeded with the seed, one sampler call per tensor."""
+    """The oracle: one generator seeded with the seed, one sampler call per CHUNK values."""
     out, _ = filled(4, dtype, std=1.3)
     g = torch.Generator().manual_seed(4)
     for n, shape in SHAPES.items():
-        assert torch.equal(out[n], torch.empty(shape, dtype=dtype).normal_(0, 1.3, generator=g)), n
+        size = math.prod(shape)
+        want = [torch.empty(min(CHUNK, size - s), dtype=dtype).normal_(0, 1.3, generator=g)
+                for s in range(0, size, CHUNK)]
+        assert torch.equal(out[n].flatten(), torch.cat(want) if want else out[n].flatten()), n
+
+
+@pytest.mark.parametrize("seed", [3, None], ids=["seeded", "secure"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_added_noise_is_the_written_noise_bit_for_bit(seed, dtype):
+    """``add_gaussian``: ``(t + noise) / divisor`` with the noise its replay (and
+    ``fill_gaussian`` from the same state) gives."""
+    torch.manual_seed(0)
+    base = {n: torch.randn(s).to(dtype) for n, s in SHAPES.items()}
+    out = {n: t.clone() for n, t in base.items()}
+    draw = NoiseSource(seed).add_gaussian(out, 0.7, 8.0)
+    noise = draw.values()
+    written, _ = filled(seed, dtype) if seed is not None else (noise, None)
+    for n, t in out.items():
+        assert torch.equal(t, torch.add(base[n], noise[n]).div_(8.0)), n
+        assert torch.equal(noise[n], written[n]), n
+    big = torch.cat([noise["w"], noise["big"].flatten()]).double()
+    assert abs(float(big.std()) / 0.7 - 1) < 0.02 and not bool((noise["w"] == 0).any())
+
+
+def test_added_zero_std_only_divides_and_non_contiguous_is_refused():
+    t = {"a": torch.randn(40)}
+    want = t["a"] / 4
+    draw = NoiseSource(None).add_gaussian(t, 0.0, 4.0)
+    assert torch.equal(t["a"], want) and torch.equal(draw.values()["a"], torch.zeros(40))
+    ok = torch.full((10,), 3.0)
+    with pytest.raises(ValueError, match="add_gaussian.*contiguous"):
+        NoiseSource(0).add_gaussian({"ok": ok, "w": torch.zeros(8, 6).t()}, 1.0)
+    assert torch.equal(ok, torch.full((10,), 3.0))
 
 
 def test_secure_draws_take_fresh_entropy_once_per_draw():

@@ -8,6 +8,7 @@ unchanged (only forward hooks are added; ``engine.close()`` removes them).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -32,10 +33,11 @@ from privgrad.per_sample.batch import (
     functional_snapshot,
     output_grads,
     per_sample_grads,
+    versions,
 )
 from privgrad.per_sample.capture import Capture
 from privgrad.per_sample.plan import plan_units
-from privgrad.physical import BatchResult, clip_batch
+from privgrad.physical import BatchResult, clip_batch, clipped_sum_again, sum_fresh
 from privgrad.trace import KEEPABLE, Segment, StepTrace
 
 MODES = ("auto", "ghost", "materialize", "vmap")
@@ -240,7 +242,8 @@ class DPEngine:
         offset = sum(seg.size for seg, _ in self._pending)
         lazy = retain and len(result.kept) < len(KEEPABLE)
         segment = Segment(offset, B, ios if retain else None, result.kept,
-                          functional_snapshot(ios) if lazy else {})
+                          functional_snapshot(ios) if lazy else {},
+                          versions(ios) if retain else ())
         self._pending.append((segment, result))
         return offset + B
 
@@ -280,18 +283,30 @@ class DPEngine:
             empty = clip_batch([], self._names, trainable, self.plan, 0, self.mode)
             pending = [(Segment(0, 0, [], {}, {}), empty)]
         results = [r for _, r in pending]
-        clipped_sum = {n: _sum(r.clipped_sum[n] for r in results) for n in trainable}
+        clipped_sum = {n: sum_fresh(r.clipped_sum[n] for r in results) for n in trainable}
         if self.distributed:  # the sum over every rank's samples, before the noise
             clipped_sum = distributed.all_reduce_sum(clipped_sum)
-        # p.grad = (clipped sum + noise) / expected_batch_size, the noise drawn straight into
-        # the new gradient (noise + clipped sum: IEEE addition commutes, so bit for bit the
-        # same): the step never holds a separate noise tensor, and the trace draws the same
-        # noise again if asked (NoiseDraw).
-        private = {n: torch.empty(s.shape, dtype=s.dtype, device=s.device)
-                   for n, s in clipped_sum.items()}
-        noise = self.noise.fill_gaussian(private, self.noise_std)
-        for n, g in private.items():
-            g.add_(clipped_sum[n]).div_(self.expected_batch_size)
+        # p.grad = (clipped sum + noise) / expected_batch_size. The step never holds a
+        # separate noise tensor (the trace draws the same noise again if asked: NoiseDraw).
+        # When the trace can compute the clipped sum again from the recorded calls, the
+        # noise is added into the clipped sum's own tensors and no copy of it is held;
+        # otherwise it is drawn straight into a new gradient and the clipped sum added
+        # (IEEE addition commutes: the same bits either way).
+        again = not self.distributed and all(
+            r.book_kept and seg.ios is not None and seg.size > 0 for seg, r in pending)
+        if again:
+            private = {n: s.contiguous() for n, s in clipped_sum.items()}
+            noise = self.noise.add_gaussian(private, self.noise_std, self.expected_batch_size)
+            held = functools.partial(clipped_sum_again,
+                                     [(seg, r.param_factors) for seg, r in pending],
+                                     self._names, list(trainable))
+        else:
+            private = {n: torch.empty(s.shape, dtype=s.dtype, device=s.device)
+                       for n, s in clipped_sum.items()}
+            noise = self.noise.fill_gaussian(private, self.noise_std)
+            for n, g in private.items():
+                g.add_(clipped_sum[n]).div_(self.expected_batch_size)
+            held = functools.partial(dict, clipped_sum)
         norms = torch.cat([r.total_sq for r in results]).sqrt()
         factors = {g: torch.cat([r.factors[g] for r in results]) for g in results[0].factors}
         max_norm, noise_std = self.max_grad_norm, self.noise_std
@@ -304,13 +319,13 @@ class DPEngine:
             layer_norms={n: torch.cat([r.layer_sq[n] for r in results]).sqrt() for n in trainable},
             clip_factors=factors[next(iter(factors))] if self.plan.is_flat else factors,
             param_clip_factors={n: factors[self.plan.group_of[n]] for n in trainable},
-            clipped_sum=clipped_sum,
             noise_std=noise_std,
             expected_batch_size=self.expected_batch_size,
             batch_size=len(norms),
             max_grad_norm=max_norm,
             _segments=tuple(seg for seg, _ in pending),
             _noise_draw=noise,
+            _clipped_sum=held,
             _names=self._names,
             _shapes={n: p.shape for n, p in trainable.items()},
         )
@@ -402,17 +417,6 @@ class DPEngine:
 def _autograd(loss: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
     return dict(zip(params, grads, strict=True))
-
-
-def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The sum of fresh tensors (one physical batch: that batch's own tensor, no copy)."""
-    first, *rest = tensors
-    if not rest:
-        return first
-    total = first.clone()
-    for t in rest:
-        total += t
-    return total
 
 
 def _check_sigma(sigma: float) -> float:

@@ -7,7 +7,7 @@ and adds the noise once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,7 @@ from privgrad import guards
 from privgrad.clipping import ClipPlan, group_norms
 from privgrad.per_sample import chunks, ghost
 from privgrad.per_sample.batch import LayerIO, per_sample_grads
-from privgrad.trace import clip
+from privgrad.trace import Segment, check_unchanged, clip
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class BatchResult:
         param_factors: ``{param name: (B,)}`` the factor applied to each parameter.
         clipped_sum: ``{param name: p.shape}`` sum over the batch of clipped gradients.
         kept: ``{"pre_clip"|"post_clip": {param name: (B, *p.shape)}}`` as asked by ``keep``.
+        book_kept: The batch was split into book-kept and materialised calls (modes
+            ``"auto"``/``"ghost"``, nothing kept): ``clipped_sum_again`` recomputes its
+            clipped sum cheaply from the recorded calls.
     """
 
     layer_sq: dict[str, torch.Tensor]
@@ -39,6 +42,7 @@ class BatchResult:
     param_factors: dict[str, torch.Tensor]
     clipped_sum: dict[str, torch.Tensor]
     kept: dict[str, dict[str, torch.Tensor]]
+    book_kept: bool
 
 
 def clip_batch(
@@ -90,10 +94,7 @@ def clip_batch(
         guards.self_check(reference, sums, {n: s.sqrt().sum() for n, s in layer_sq.items()}, rtol)
     factors = plan.factors(group_norms(layer_sq, plan.group_of))
     param_factors = {n: factors[plan.group_of[n]] for n in trainable}
-    clipped_sum = ghost.clipped_sums(ghost_ios, names, param_factors)
-    clipped_sum |= {
-        n: torch.tensordot(param_factors[n].to(g.dtype), g, dims=1) for n, g in psg.items()
-    }
+    clipped_sum = _clipped_sums(ghost_ios, psg, names, param_factors)
     kept = {}
     if "pre_clip" in keep:
         kept["pre_clip"] = psg
@@ -106,4 +107,62 @@ def clip_batch(
         param_factors=param_factors,
         clipped_sum={n: clipped_sum[n] for n in trainable},
         kept=kept,
+        book_kept=not materialize_all,
     )
+
+
+def _clipped_sums(
+    ghost_ios: list[LayerIO],
+    psg: Mapping[str, torch.Tensor],
+    names: dict[int, str],
+    param_factors: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """``{param name: p.shape}``: book-kept calls by their rule, the others by a weighted sum."""
+    out = ghost.clipped_sums(ghost_ios, names, dict(param_factors))
+    out |= {n: torch.tensordot(param_factors[n].to(g.dtype), g, dims=1) for n, g in psg.items()}
+    return out
+
+
+def clipped_sum_again(
+    parts: Sequence[tuple[Segment, Mapping[str, torch.Tensor]]],
+    names: dict[int, str],
+    trainable: Sequence[str],
+) -> dict[str, torch.Tensor]:
+    """The clipped sum of a logical step, computed again from its recorded calls.
+
+    Bit for bit what ``clip_batch`` returned and ``sum_fresh`` summed over the physical
+    batches, for batches that were book-kept (``BatchResult.book_kept``) and retained:
+    the same split, the same rules in the same order on the same ``A``, ``G`` and factors
+    (a measured choice is remembered, so it is the same choice). The engine writes the
+    private gradient into the clipped sum's own tensors, and the trace asks for this.
+
+    Args:
+        parts: Per physical batch, its ``Segment`` (with ``ios``) and its
+            ``{param name: (size,)}`` factors.
+        names: ``id(parameter) -> name``.
+        trainable: Names of the trainable parameters, in order.
+
+    Returns:
+        ``{param name: p.shape}``.
+    """
+    sums = []
+    for seg, param_factors in parts:
+        if seg.ios is None:
+            raise ValueError("privgrad: internal: the clipped sum of a released batch was asked "
+                             "for again; the engine keeps it for such steps.")
+        check_unchanged(seg)
+        ghost_ios, dense_ios = ghost.split(seg.ios, names, seg.size)
+        psg = per_sample_grads(dense_ios, names, seg.size, None, seg.snapshot)
+        sums.append(_clipped_sums(ghost_ios, psg, names, param_factors))
+    return {n: sum_fresh(s[n] for s in sums) for n in trainable}
+
+
+def sum_fresh(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of fresh tensors (one physical batch: that batch's own tensor, no copy)."""
+    first, *rest = tensors
+    if not rest:
+        return first
+    total = first.clone()
+    for t in rest:
+        total += t
+    return total

@@ -10,14 +10,14 @@ differential-privacy guarantee that ``engine.epsilon`` reports. Only ``private_g
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from privgrad.errors import TraceReleasedError
 from privgrad.noise import NoiseDraw
-from privgrad.per_sample.batch import LayerIO, per_sample_grads
+from privgrad.per_sample.batch import LayerIO, first_modified, per_sample_grads
 
 KEEPABLE = ("pre_clip", "post_clip")
 
@@ -52,6 +52,8 @@ class Segment:
         ios: Recorded layer inputs and output gradients, or ``None`` once released.
         kept: Materialised per-sample gradients (``keep=``), ``{kind: {name: (size, ...)}}``.
         snapshot: Parameter values of functional units at the step (``id -> tensor``).
+        versions: In-place version counters of the recorded tensors at the step
+            (``batch.versions``), to detect a later in-place change.
     """
 
     offset: int
@@ -59,6 +61,21 @@ class Segment:
     ios: list[LayerIO] | None
     kept: dict[str, dict[str, torch.Tensor]]
     snapshot: dict[int, torch.Tensor]
+    versions: tuple[int, ...] = ()
+
+
+def check_unchanged(seg: Segment) -> None:
+    """Raises if a tensor recorded for ``seg`` was modified in place since the step."""
+    io = None if seg.ios is None else first_modified(seg.ios, seg.versions)
+    if io is not None:
+        raise TraceReleasedError(
+            f"privgrad: the input or output gradient that module '{io.call.unit.path}' "
+            f"({type(io.call.unit.module).__name__}) recorded at this step was modified in "
+            "place after the step (e.g. an input buffer reused with copy_() for the next "
+            "batch), so this step's per-sample quantities can no longer be computed from it. "
+            "Fix: ask the trace before modifying the tensors the model ran on, pass a fresh "
+            "tensor per batch, or keep=('pre_clip',) to hold the per-sample gradients."
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,7 +93,6 @@ class StepTrace:
         clip_factors: ``(B,)`` factor applied to each sample's gradient; with
             ``PerLayer`` clipping, ``{group name: (B,)}``.
         param_clip_factors: ``{param name: (B,)}`` the factor applied to each parameter.
-        clipped_sum: ``{param name: p.shape}`` sum over samples of clipped gradients.
         noise_std: Standard deviation of ``noise`` (``σ · sensitivity``).
         expected_batch_size: The normaliser of the private gradient.
         batch_size: ``B``, the number of samples in this step.
@@ -88,15 +104,27 @@ class StepTrace:
     layer_norms: dict[str, torch.Tensor]
     clip_factors: torch.Tensor | dict[str, torch.Tensor]
     param_clip_factors: dict[str, torch.Tensor]
-    clipped_sum: dict[str, torch.Tensor]
     noise_std: float
     expected_batch_size: float
     batch_size: int
     max_grad_norm: float
     _segments: tuple[Segment, ...] = field(repr=False)
     _noise_draw: NoiseDraw = field(repr=False)
+    _clipped_sum: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
     _names: dict[int, str] = field(repr=False)
     _shapes: dict[str, torch.Size] = field(repr=False)
+
+    @functools.cached_property
+    def clipped_sum(self) -> dict[str, torch.Tensor]:
+        """``{param name: p.shape}`` sum over samples of clipped gradients. NOT PRIVATE.
+
+        A step that book-kept its samples (modes ``"auto"``/``"ghost"``, nothing kept, one
+        process) writes the private gradient into the clipped sum's own tensors, so it
+        never holds a second parameter-sized copy; the trace then computes the sum again,
+        bit for bit, from the recorded layer inputs and output gradients (one
+        weight-gradient matmul per layer) and holds it once asked for.
+        """
+        return self._clipped_sum()
 
     @functools.cached_property
     def noise(self) -> dict[str, torch.Tensor]:
@@ -194,6 +222,7 @@ class StepTrace:
             if k in seg.kept:
                 part = {n: g.index_select(0, local) for n, g in seg.kept[k].items()}
                 return part, k != "pre_clip"
+        check_unchanged(seg)
         if seg.ios is None:
             raise TraceReleasedError(
                 f"privgrad: samples {(local + seg.offset).tolist()[:5]} of this step came from a "

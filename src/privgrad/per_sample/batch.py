@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from privgrad.errors import InvalidLossError
 from privgrad.per_sample import functional
@@ -160,3 +161,30 @@ def functional_snapshot(ios: list[LayerIO]) -> dict[int, torch.Tensor]:
         for io in ios if io.call.unit.rule is None
         for p in io.call.unit.params.values()
     }
+
+
+def _recorded(ios: list[LayerIO]) -> list[torch.Tensor]:
+    leaves = (leaf for io in ios
+              for leaf in tree_flatten((io.call.args, io.call.kwargs, io.grads))[0])
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def versions(ios: list[LayerIO]) -> tuple[int, ...]:
+    """In-place version counters of every recorded input and output gradient."""
+    return tuple(t._version for t in _recorded(ios))
+
+
+def first_modified(ios: list[LayerIO], recorded: tuple[int, ...]) -> LayerIO | None:
+    """The first call whose recorded tensors changed in place since ``versions`` was taken.
+
+    ``recorded`` empty: nothing was taken, so nothing is checked.
+    """
+    if not recorded:
+        return None
+    pos = 0
+    for io in ios:
+        now = versions([io])
+        if now != recorded[pos:pos + len(now)]:
+            return io
+        pos += len(now)
+    return None

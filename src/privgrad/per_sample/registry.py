@@ -29,7 +29,11 @@ ghost formula where the layer has one; used by tests)."""
 ClippedSumFn = Callable[
     [nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]
 ]
-"""``(module, A, G, {attr: factors (B,)}) -> {attr: param.shape}``: sum_i f_i g_i."""
+"""``(module, A, G, {attr: factors (B,)}) -> {attr: param.shape}``: sum_i f_i g_i.
+
+Each returned tensor must be fresh (no view of ``A``, ``G`` or another tensor) and the
+same bits for the same inputs: the engine writes the private gradient into it, and the
+trace computes it again when asked (``physical.clipped_sum_again``)."""
 
 
 def trainable(param: torch.Tensor | None) -> bool:
