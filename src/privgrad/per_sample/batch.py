@@ -9,10 +9,10 @@ parameters and of modules called several times.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
-from torch.utils._pytree import tree_flatten
 
 from privgrad.errors import InvalidLossError
 from privgrad.per_sample import functional
@@ -163,10 +163,20 @@ def functional_snapshot(ios: list[LayerIO]) -> dict[int, torch.Tensor]:
     }
 
 
+def _tensors(tree: object) -> Iterator[torch.Tensor]:
+    """The tensors in nested tuples, lists and dicts (cheaper than ``tree_flatten``)."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (tuple, list)):
+        for leaf in tree:
+            yield from _tensors(leaf)
+    elif isinstance(tree, dict):
+        for leaf in tree.values():
+            yield from _tensors(leaf)
+
+
 def _recorded(ios: list[LayerIO]) -> list[torch.Tensor]:
-    leaves = (leaf for io in ios
-              for leaf in tree_flatten((io.call.args, io.call.kwargs, io.grads))[0])
-    return [t for t in leaves if isinstance(t, torch.Tensor)]
+    return [t for io in ios for t in _tensors((io.call.args, io.call.kwargs, io.grads))]
 
 
 def versions(ios: list[LayerIO]) -> tuple[int, ...]:
