@@ -8,14 +8,13 @@ unchanged (only forward hooks are added; ``engine.close()`` removes them).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from privgrad import distributed, guards, validate
+from privgrad import distributed, guards, release, validate
 from privgrad.accounting import PrivacyLedger
 from privgrad.accounting.validation import check_sample_rate
 from privgrad.clipping import (
@@ -37,7 +36,7 @@ from privgrad.per_sample.batch import (
 )
 from privgrad.per_sample.capture import Capture
 from privgrad.per_sample.plan import plan_units
-from privgrad.physical import BatchResult, clip_batch, clipped_sum_again, sum_fresh
+from privgrad.physical import BatchResult, clip_batch, sum_fresh
 from privgrad.trace import KEEPABLE, Segment, StepTrace
 
 MODES = ("auto", "ghost", "materialize", "vmap")
@@ -194,7 +193,8 @@ class DPEngine:
             keep: Per-sample gradients of this batch to hold for the step's trace.
             retain: Also hold the batch's recorded layer inputs and output gradients, so
                 the trace can materialise any of its samples later (costs memory until
-                the trace is dropped).
+                the trace is dropped); the step can then also write the private gradient
+                into the clipped sum instead of holding both (``release``).
 
         Returns:
             The number of samples accumulated so far in this logical step.
@@ -286,27 +286,12 @@ class DPEngine:
         clipped_sum = {n: sum_fresh(r.clipped_sum[n] for r in results) for n in trainable}
         if self.distributed:  # the sum over every rank's samples, before the noise
             clipped_sum = distributed.all_reduce_sum(clipped_sum)
-        # p.grad = (clipped sum + noise) / expected_batch_size. The step never holds a
-        # separate noise tensor (the trace draws the same noise again if asked: NoiseDraw).
-        # When the trace can compute the clipped sum again from the recorded calls, the
-        # noise is added into the clipped sum's own tensors and no copy of it is held;
-        # otherwise it is drawn straight into a new gradient and the clipped sum added
-        # (IEEE addition commutes: the same bits either way).
-        again = not self.distributed and all(
-            r.book_kept and seg.ios is not None and seg.size > 0 for seg, r in pending)
-        if again:
-            private = {n: s.contiguous() for n, s in clipped_sum.items()}
-            noise = self.noise.add_gaussian(private, self.noise_std, self.expected_batch_size)
-            held = functools.partial(clipped_sum_again,
-                                     [(seg, r.param_factors) for seg, r in pending],
-                                     self._names, list(trainable))
-        else:
-            private = {n: torch.empty(s.shape, dtype=s.dtype, device=s.device)
-                       for n, s in clipped_sum.items()}
-            noise = self.noise.fill_gaussian(private, self.noise_std)
-            for n, g in private.items():
-                g.add_(clipped_sum[n]).div_(self.expected_batch_size)
-            held = functools.partial(dict, clipped_sum)
+        # p.grad = (clipped sum + noise) / expected_batch_size, written into the clipped
+        # sum's own tensors when the trace can compute it again (release.py).
+        again = release.recompute_thunk(pending, self._names, trainable) if (
+            release.recomputable(pending, clipped_sum, self.distributed)) else None
+        private, noise, clipped = release.write_private_gradient(
+            clipped_sum, self.noise, self.noise_std, self.expected_batch_size, again)
         norms = torch.cat([r.total_sq for r in results]).sqrt()
         factors = {g: torch.cat([r.factors[g] for r in results]) for g in results[0].factors}
         max_norm, noise_std = self.max_grad_norm, self.noise_std
@@ -325,7 +310,7 @@ class DPEngine:
             max_grad_norm=max_norm,
             _segments=tuple(seg for seg, _ in pending),
             _noise_draw=noise,
-            _clipped_sum=held,
+            _clipped_sum=clipped,
             _names=self._names,
             _shapes={n: p.shape for n, p in trainable.items()},
         )

@@ -32,7 +32,11 @@ class MissingGradientError(PrivgradError, RuntimeError):
 
 
 class TraceReleasedError(PrivgradError, RuntimeError):
-    """A per-sample quantity was asked of a trace whose inputs were released."""
+    """A trace was asked for what its released or since-changed recorded inputs gave.
+
+    Released: a physical batch accumulated without ``retain``. Changed: a recorded tensor
+    modified in place, or a parameter frozen or unfrozen, after the step.
+    """
 
 
 class CheckpointError(PrivgradError, RuntimeError):

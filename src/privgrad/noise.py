@@ -134,8 +134,7 @@ class NoiseSource:
             A ``NoiseDraw`` from which ``.values()`` draws exactly the same noise again.
         """
         def add(part: torch.Tensor, noise: torch.Tensor | None) -> None:
-            if noise is not None:
-                part.add_(noise)
+            part.add_(0.0 if noise is None else noise)  # -0.0 + 0.0 = +0.0 as in fill
             if divisor != 1:
                 part.div_(divisor)
 
@@ -185,7 +184,9 @@ class NoiseSource:
 
 @dataclass(frozen=True, eq=False)
 class NoiseDraw:
-    """The record of one ``fill_gaussian`` call: draws exactly the same noise again. NOT PRIVATE.
+    """The record of one ``fill_gaussian`` or ``add_gaussian`` call. NOT PRIVATE.
+
+    Draws exactly the same noise again.
 
     Anyone holding it can recompute the noise that was added (and subtract it from the
     private gradient), exactly like holding the noise itself; with a seeded engine the
@@ -202,7 +203,7 @@ class NoiseDraw:
     layout: dict[str, tuple[torch.Size, torch.dtype, torch.device]]
 
     def values(self) -> dict[str, torch.Tensor]:
-        """``{name: noise}``: the values that ``fill_gaussian`` wrote, bit for bit."""
+        """``{name: noise}``: the values the draw wrote or added, bit for bit."""
         if self.std == 0:
             return {n: torch.zeros(s, dtype=d, device=dev)
                     for n, (s, d, dev) in self.layout.items()}

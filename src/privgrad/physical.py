@@ -15,6 +15,7 @@ from torch import nn
 
 from privgrad import guards
 from privgrad.clipping import ClipPlan, group_norms
+from privgrad.errors import TraceReleasedError
 from privgrad.per_sample import chunks, ghost
 from privgrad.per_sample.batch import LayerIO, per_sample_grads
 from privgrad.trace import Segment, check_unchanged, clip
@@ -31,9 +32,10 @@ class BatchResult:
         param_factors: ``{param name: (B,)}`` the factor applied to each parameter.
         clipped_sum: ``{param name: p.shape}`` sum over the batch of clipped gradients.
         kept: ``{"pre_clip"|"post_clip": {param name: (B, *p.shape)}}`` as asked by ``keep``.
-        book_kept: The batch was split into book-kept and materialised calls (modes
-            ``"auto"``/``"ghost"``, nothing kept): ``clipped_sum_again`` recomputes its
-            clipped sum cheaply from the recorded calls.
+        recomputable: ``clipped_sum_again`` computes the clipped sum again cheaply and
+            bit for bit from the recorded calls: they were split into book-kept and
+            materialised calls (modes ``"auto"``/``"ghost"``, nothing kept) and CPU
+            autocast was off.
     """
 
     layer_sq: dict[str, torch.Tensor]
@@ -42,7 +44,7 @@ class BatchResult:
     param_factors: dict[str, torch.Tensor]
     clipped_sum: dict[str, torch.Tensor]
     kept: dict[str, dict[str, torch.Tensor]]
-    book_kept: bool
+    recomputable: bool
 
 
 def clip_batch(
@@ -107,7 +109,7 @@ def clip_batch(
         param_factors=param_factors,
         clipped_sum={n: clipped_sum[n] for n in trainable},
         kept=kept,
-        book_kept=not materialize_all,
+        recomputable=not materialize_all and not _cpu_autocast(),
     )
 
 
@@ -126,35 +128,63 @@ def _clipped_sums(
 def clipped_sum_again(
     parts: Sequence[tuple[Segment, Mapping[str, torch.Tensor]]],
     names: dict[int, str],
-    trainable: Sequence[str],
+    trainable: Mapping[str, nn.Parameter],
+    threads: int,
 ) -> dict[str, torch.Tensor]:
     """The clipped sum of a logical step, computed again from its recorded calls.
 
     Bit for bit what ``clip_batch`` returned and ``sum_fresh`` summed over the physical
-    batches, for batches that were book-kept (``BatchResult.book_kept``) and retained:
+    batches, for batches that were ``BatchResult.recomputable`` and retained:
     the same split, the same rules in the same order on the same ``A``, ``G`` and factors
-    (a measured choice is remembered, so it is the same choice). The engine writes the
-    private gradient into the clipped sum's own tensors, and the trace asks for this.
+    (a measured choice is remembered, so it is the same choice), CPU autocast off as it
+    was at the step, and the step's number of CPU threads (a BLAS may split a reduction
+    differently with another count). The engine writes the private gradient into the
+    clipped sum's own tensors (``release``), and the trace asks for this.
 
     Args:
         parts: Per physical batch, its ``Segment`` (with ``ios``) and its
             ``{param name: (size,)}`` factors.
         names: ``id(parameter) -> name``.
-        trainable: Names of the trainable parameters, in order.
+        trainable: ``{name: parameter}`` trainable at the step, in order.
+        threads: ``torch.get_num_threads()`` at the step.
 
     Returns:
         ``{param name: p.shape}``.
+
+    Raises:
+        TraceReleasedError: A recorded tensor was modified in place since the step, or a
+            parameter was frozen or unfrozen since.
     """
-    sums = []
-    for seg, param_factors in parts:
-        if seg.ios is None:
-            raise ValueError("privgrad: internal: the clipped sum of a released batch was asked "
-                             "for again; the engine keeps it for such steps.")
+    for seg, _ in parts:
         check_unchanged(seg)
-        ghost_ios, dense_ios = ghost.split(seg.ios, names, seg.size)
-        psg = per_sample_grads(dense_ios, names, seg.size, None, seg.snapshot)
-        sums.append(_clipped_sums(ghost_ios, psg, names, param_factors))
+    reached = {names[id(p)]: p for seg, _ in parts for io in seg.ios
+               for p in io.call.unit.params.values()}
+    changed = sorted(n for n, p in reached.items() if p.requires_grad != (n in trainable))
+    if changed:
+        raise TraceReleasedError(
+            f"privgrad: parameter {changed[0]!r} was frozen or unfrozen since this step, so its "
+            "clipped sum can no longer be computed again from the recorded layer calls. Fix: "
+            "read trace.clipped_sum / trace.private_grad before changing requires_grad."
+        )
+    sums = []
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for seg, param_factors in parts:
+            with torch.autocast("cpu", enabled=False):  # as at the step (recomputable)
+                ghost_ios, dense_ios = ghost.split(seg.ios, names, seg.size)
+                psg = per_sample_grads(dense_ios, names, seg.size, None, seg.snapshot)
+                sums.append(_clipped_sums(ghost_ios, psg, names, param_factors))
+    finally:
+        torch.set_num_threads(before)
     return {n: sum_fresh(s[n] for s in sums) for n in trainable}
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 def sum_fresh(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

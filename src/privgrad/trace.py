@@ -61,7 +61,7 @@ class Segment:
     ios: list[LayerIO] | None
     kept: dict[str, dict[str, torch.Tensor]]
     snapshot: dict[int, torch.Tensor]
-    versions: tuple[int, ...] = ()
+    versions: tuple[tuple[int, ...], ...] = ()
 
 
 def check_unchanged(seg: Segment) -> None:
@@ -71,10 +71,12 @@ def check_unchanged(seg: Segment) -> None:
         raise TraceReleasedError(
             f"privgrad: the input or output gradient that module '{io.call.unit.path}' "
             f"({type(io.call.unit.module).__name__}) recorded at this step was modified in "
-            "place after the step (e.g. an input buffer reused with copy_() for the next "
-            "batch), so this step's per-sample quantities can no longer be computed from it. "
-            "Fix: ask the trace before modifying the tensors the model ran on, pass a fresh "
-            "tensor per batch, or keep=('pre_clip',) to hold the per-sample gradients."
+            "place after the step (an input buffer reused with copy_() for the next batch, "
+            "or an input that is a view of a parameter, changed by optimizer.step()), so "
+            "this step's per-sample gradients and clipped sum can no longer be computed from "
+            "it. Fix: read the trace before modifying the tensors the model ran on (before "
+            "optimizer.step() for a parameter view), pass a fresh tensor per batch, or "
+            "keep=('pre_clip',) to hold the per-sample gradients."
         )
 
 
@@ -118,11 +120,16 @@ class StepTrace:
     def clipped_sum(self) -> dict[str, torch.Tensor]:
         """``{param name: p.shape}`` sum over samples of clipped gradients. NOT PRIVATE.
 
-        A step that book-kept its samples (modes ``"auto"``/``"ghost"``, nothing kept, one
-        process) writes the private gradient into the clipped sum's own tensors, so it
-        never holds a second parameter-sized copy; the trace then computes the sum again,
+        Usually the step wrote the private gradient into the clipped sum's own tensors, so
+        that no second parameter-sized copy is held (``release.recomputable``: book-kept
+        and retained batches, one process, CPU); the trace then computes the sum again,
         bit for bit, from the recorded layer inputs and output gradients (one
-        weight-gradient matmul per layer) and holds it once asked for.
+        weight-gradient call per book-kept layer; layers whose per-sample gradients were
+        materialised materialise them again) and holds it once asked for.
+
+        Raises:
+            TraceReleasedError: If it must be computed again and a recorded input was
+                modified in place, or a parameter frozen or unfrozen, since the step.
         """
         return self._clipped_sum()
 
@@ -140,6 +147,9 @@ class StepTrace:
         """``{param name: p.shape}`` = (clipped_sum + noise) / expected_batch_size.
 
         This is exactly what was written to ``p.grad``, and the only private field.
+
+        Raises:
+            TraceReleasedError: As ``clipped_sum``.
         """
         return private_gradient(self.clipped_sum, self.noise, self.expected_batch_size)
 
@@ -195,7 +205,8 @@ class StepTrace:
 
         Raises:
             TraceReleasedError: If a requested sample's physical batch was accumulated
-                without ``retain=True`` and its gradients were not kept.
+                without ``retain=True`` and its gradients were not kept, or a tensor it
+                recorded was modified in place since the step.
         """
         idx = self._indices(samples)
         kind = "post_clip" if clipped else "pre_clip"

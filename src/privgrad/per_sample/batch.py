@@ -175,26 +175,30 @@ def _tensors(tree: object) -> Iterator[torch.Tensor]:
             yield from _tensors(leaf)
 
 
-def _recorded(ios: list[LayerIO]) -> list[torch.Tensor]:
+def recorded_tensors(ios: list[LayerIO]) -> list[torch.Tensor]:
+    """Every tensor a trace relies on: the calls' inputs and output gradients."""
     return [t for io in ios for t in _tensors((io.call.args, io.call.kwargs, io.grads))]
 
 
-def versions(ios: list[LayerIO]) -> tuple[int, ...]:
-    """In-place version counters of every recorded input and output gradient."""
-    return tuple(t._version for t in _recorded(ios))
+def versions(ios: list[LayerIO]) -> tuple[tuple[int, ...], ...]:
+    """Per call, the in-place version counters of its recorded tensors.
+
+    ``Tensor._version`` (private in PyTorch, the counter autograd uses for the same
+    check) counts in-place changes of a tensor and of every view of its memory.
+    Inference tensors have no counter and are skipped.
+    """
+    return tuple(tuple(t._version for t in recorded_tensors([io]) if not t.is_inference())
+                 for io in ios)
 
 
-def first_modified(ios: list[LayerIO], recorded: tuple[int, ...]) -> LayerIO | None:
+def first_modified(
+    ios: list[LayerIO], recorded: tuple[tuple[int, ...], ...]
+) -> LayerIO | None:
     """The first call whose recorded tensors changed in place since ``versions`` was taken.
 
     ``recorded`` empty: nothing was taken, so nothing is checked.
     """
     if not recorded:
         return None
-    pos = 0
-    for io in ios:
-        now = versions([io])
-        if now != recorded[pos:pos + len(now)]:
-            return io
-        pos += len(now)
-    return None
+    return next((io for io, was in zip(ios, recorded, strict=True)
+                 if versions([io])[0] != was), None)
