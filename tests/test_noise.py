@@ -63,7 +63,8 @@ def test_added_noise_is_the_written_noise_bit_for_bit(seed, dtype):
         assert torch.equal(t, torch.add(base[n], noise[n]).div_(8.0)), n
         assert torch.equal(noise[n], written[n]), n
     big = torch.cat([noise["w"], noise["big"].flatten()]).double()
-    assert abs(float(big.std()) / 0.7 - 1) < 0.02 and not bool((noise["w"] == 0).any())
+    assert abs(float(big.std()) / 0.7 - 1) < 0.02
+    assert float((noise["w"] == 0).double().mean()) < 0.01  # drawn, not left zero
 
 
 def test_added_zero_std_only_divides_and_non_contiguous_is_refused():
@@ -75,6 +76,21 @@ def test_added_zero_std_only_divides_and_non_contiguous_is_refused():
     with pytest.raises(ValueError, match="add_gaussian.*contiguous"):
         NoiseSource(0).add_gaussian({"ok": ok, "w": torch.zeros(8, 6).t()}, 1.0)
     assert torch.equal(ok, torch.full((10,), 3.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_noise_is_float32_draws_rounded(dtype):
+    """Not 16-bit draws: PyTorch 2.11's CPU sampler bounds those at |z| < 3.4 (noise.py)."""
+    out, draw = filled(4, dtype, std=1.3)
+    g = torch.Generator().manual_seed(4)
+    for n, shape in SHAPES.items():
+        size = math.prod(shape)
+        want = [torch.empty(min(CHUNK, size - s)).normal_(0, 1.3, generator=g).to(dtype)
+                for s in range(0, size, CHUNK)]
+        assert torch.equal(out[n].flatten(), torch.cat(want) if want else out[n].flatten()), n
+    added = {n: torch.zeros(s, dtype=dtype) for n, s in SHAPES.items()}
+    NoiseSource(4).add_gaussian(added, 1.3)
+    assert all(torch.equal(added[n], out[n]) for n in SHAPES)
 
 
 def test_secure_draws_take_fresh_entropy_once_per_draw():

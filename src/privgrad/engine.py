@@ -234,7 +234,8 @@ class DPEngine:
             check_batch_sizes(ios, B)
         result = clip_batch(ios, self._names, trainable, self.plan, B, self.mode, keep, reference)
         if reference_one is not None:
-            one = per_sample_grads(ios, self._names, B, torch.zeros(1, dtype=torch.long))
+            one = per_sample_grads(ios, self._names, B, torch.zeros(1, dtype=torch.long,
+                                                                    device=losses.device))
             rtol = 3e-2 if any(io.half for io in ios) else 1e-3
             guards.check_sample(reference_one, {n: one[n] for n in trainable}, 0, rtol)
         if reference is not None:

@@ -37,10 +37,11 @@ def recomputable(
     """Whether the trace can compute this step's clipped sum again, bit for bit.
 
     Every physical batch is ``BatchResult.recomputable`` (book-kept, CPU autocast off),
-    retained and not empty; one process (under ``torch.distributed`` the sum is all-reduced); every tensor
-    on the CPU (CUDA's scatter-adds and cuDNN's weight gradients are not deterministic
-    by default); and no recorded tensor is an inference tensor (its in-place changes are
-    not counted, so a later change could not be detected).
+    retained and not empty; one process (under ``torch.distributed`` the sum is
+    all-reduced); every tensor on the CPU (CUDA's scatter-adds and cuDNN's weight
+    gradients are not deterministic by default); and no recorded tensor is an inference
+    tensor (its in-place changes are not counted, so a later change could not be
+    detected).
     """
     if distributed or any(t.device.type != "cpu" for t in clipped_sum.values()):
         return False

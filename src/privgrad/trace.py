@@ -211,7 +211,9 @@ class StepTrace:
         idx = self._indices(samples)
         kind = "post_clip" if clipped else "pre_clip"
         dtype = self.norms.dtype
-        out = {n: torch.zeros(len(idx), *s, dtype=dtype) for n, s in self._shapes.items()}
+        device = self.norms.device
+        out = {n: torch.zeros(len(idx), *s, dtype=dtype, device=device)
+               for n, s in self._shapes.items()}
         for seg in self._segments:
             pos = ((idx >= seg.offset) & (idx < seg.offset + seg.size)).nonzero().flatten()
             if len(pos) == 0:
@@ -222,7 +224,7 @@ class StepTrace:
                 part = {n: clip(self.param_clip_factors[n], g, idx[pos]) for n, g in part.items()}
             for n, g in part.items():
                 out[n] = out[n].to(g.dtype)
-                out[n][pos] = g
+                out[n][pos.to(device)] = g
         return out
 
     def _segment_grads(
@@ -231,7 +233,7 @@ class StepTrace:
         """Raw or clipped grads of some samples of one segment (``done``: already clipped)."""
         for k in (kind, "pre_clip"):
             if k in seg.kept:
-                part = {n: g.index_select(0, local) for n, g in seg.kept[k].items()}
+                part = {n: g.index_select(0, local.to(g.device)) for n, g in seg.kept[k].items()}
                 return part, k != "pre_clip"
         check_unchanged(seg)
         if seg.ios is None:
@@ -248,5 +250,5 @@ class StepTrace:
 
 def clip(factors: torch.Tensor, grads: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     """``factors[:, None, ...] * grads`` (the factors of the selected samples)."""
-    f = factors if idx is None else factors.index_select(0, idx)
+    f = factors if idx is None else factors.index_select(0, idx.to(factors.device))
     return _broadcast(f, grads) * grads

@@ -138,7 +138,8 @@ def per_sample_grads(
         if unit.rule is not None:
             A, G = io.A, io.G
             if samples is not None:
-                A, G = A.index_select(0, samples), G.index_select(0, samples)
+                at = samples.to(A.device)
+                A, G = A.index_select(0, at), G.index_select(0, at)
             grads = unit.rule.per_sample_grads(unit.module, A, G)
         else:
             at_step = None if snapshot is None else {

@@ -223,10 +223,10 @@ def per_sample_grads(
         if g is not None and d is not None
     ]
     if samples is not None:
-        in_leaves = [x if d is None else x.index_select(d, samples)
+        in_leaves = [x if d is None else x.index_select(d, samples.to(x.device))
                      for x, d in zip(in_leaves, in_dims, strict=True)]
         grad_outputs = [g if g is None or out_dims[k] is None
-                        else g.index_select(out_dims[k], samples)
+                        else g.index_select(out_dims[k], samples.to(g.device))
                         for k, g in enumerate(grad_outputs)]
         B = len(samples)
     if B == 0:
