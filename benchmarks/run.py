@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+import sections
 from configs import CLIP, CONFIGS, LR, SIGMA, NotAvailableError, build
 from memory import MMAP_ENV
 from models import SPECS, n_params
@@ -448,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {wall:.0f} s")
 
     if args.out:
-        Path(args.out).write_text(markdown(results, info, args, wall) + "\n")
+        kept = sections.sections(Path(args.out))  # other benchmarks' tables stay
+        Path(args.out).write_text("\n\n".join([markdown(results, info, args, wall), *kept]) + "\n")
         print(f"wrote {args.out}")
     if args.json:
         raw = {"machine": info, "settings": {k: getattr(args, k) for k in (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 
@@ -17,6 +18,14 @@ def write_section(begin: str, end: str, block: str, path: pathlib.Path = RESULTS
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def sections(path: pathlib.Path = RESULTS) -> list[str]:
+    """The marked sections (``<!-- name:begin -->`` … ``<!-- name:end -->``) in ``path``,
+    in order: what another benchmark wrote, to keep when ``run.py`` rewrites the file."""
+    text = path.read_text() if path.exists() else ""
+    return [m.group(0) for m in re.finditer(
+        r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", text, flags=re.S)]
 
 
 def publish(begin: str, end: str, body: list[str], path: pathlib.Path = RESULTS) -> None:

@@ -120,7 +120,7 @@ def _weight_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.Tens
             grads_t = _grads_by_unfold(module, A[s], G[s])
             return grads_t.transpose(1, 2).reshape(-1, *module.weight.shape)
 
-        return chunks.per_sample_chunked(chunk, B, g * (d * L + p * d))
+        return chunks.per_sample_chunked(chunk, B, g * (d * L + p * d), A.device)
 
     return autotune.fastest(_key("conv-grads", module, A, G),
                             {"grouped": grouped, "unfold": unfold})
@@ -289,7 +289,8 @@ def _weight_sq_norms(
     else:
         names = [cheaper_ghost if 2 * L * L < d * p else "grouped"]
     candidates = {
-        n: (lambda fn=formulas[n][0], size=formulas[n][1]: chunks.per_sample_chunked(fn, B, size))
+        n: (lambda fn=formulas[n][0], size=formulas[n][1]:
+            chunks.per_sample_chunked(fn, B, size, A.device))
         for n in names
     }
     if len(candidates) == 1:

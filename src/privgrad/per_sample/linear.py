@@ -78,9 +78,9 @@ def squared_norms(
         if T == 1:
             out["weight"] = chunks.squared_norms(A3) * chunks.squared_norms(G3)
         elif strategy == "ghost" or use_ghost_norm(T, d, p):
-            out["weight"] = chunks.per_sample_chunked(ghost, B, 2 * T * T)
+            out["weight"] = chunks.per_sample_chunked(ghost, B, 2 * T * T, A.device)
         else:
-            out["weight"] = chunks.per_sample_chunked(materialised, B, p * d)
+            out["weight"] = chunks.per_sample_chunked(materialised, B, p * d, A.device)
     if trainable(module.bias):
         out["bias"] = chunks.squared_norms(G3.sum(dim=1))
     return out

@@ -29,7 +29,7 @@ def _chunked(
     @functools.wraps(rule)
     def chunked(module: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
         return chunks.per_sample_chunked(
-            lambda s: rule(module, A[s], G[s]), A.shape[0], 2 * math.prod(A.shape[1:]))
+            lambda s: rule(module, A[s], G[s]), A.shape[0], 2 * math.prod(A.shape[1:]), A.device)
 
     return chunked
 
