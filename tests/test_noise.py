@@ -34,16 +34,22 @@ def test_written_noise_is_drawn_again_bit_for_bit(seed, dtype):
     assert torch.equal(noise["m"], draw.values()["m"])  # every replay is the same
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_seeded_noise_is_one_generator_drawn_in_order(dtype):
-    """The oracle: one generator seeded with the seed, one sampler call per CHUNK values."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_seeded_noise_is_one_generator_drawn_in_chunks(dtype):
+    """The oracle: one generator seeded with the seed, one sampler call per CHUNK values;
+    16-bit tensors get float32 draws rounded (PyTorch 2.11's CPU sampler bounds 16-bit
+    draws at |z| < 4, noise.py), for the written and the added noise alike."""
     out, _ = filled(4, dtype, std=1.3)
+    added = {n: torch.zeros(s, dtype=dtype) for n, s in SHAPES.items()}
+    NoiseSource(4).add_gaussian(added, 1.3)
     g = torch.Generator().manual_seed(4)
+    drawn_in = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
     for n, shape in SHAPES.items():
         size = math.prod(shape)
-        want = [torch.empty(min(CHUNK, size - s), dtype=dtype).normal_(0, 1.3, generator=g)
-                for s in range(0, size, CHUNK)]
-        assert torch.equal(out[n].flatten(), torch.cat(want) if want else out[n].flatten()), n
+        want = [torch.empty(min(CHUNK, size - s), dtype=drawn_in)
+                .normal_(0, 1.3, generator=g).to(dtype) for s in range(0, size, CHUNK)]
+        want = torch.cat(want) if want else out[n].flatten()
+        assert torch.equal(out[n].flatten(), want) and torch.equal(added[n].flatten(), want), n
 
 
 @pytest.mark.parametrize("seed", [3, None], ids=["seeded", "secure"])
@@ -76,21 +82,6 @@ def test_added_zero_std_only_divides_and_non_contiguous_is_refused():
     with pytest.raises(ValueError, match="add_gaussian.*contiguous"):
         NoiseSource(0).add_gaussian({"ok": ok, "w": torch.zeros(8, 6).t()}, 1.0)
     assert torch.equal(ok, torch.full((10,), 3.0))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_noise_is_float32_draws_rounded(dtype):
-    """Not 16-bit draws: PyTorch 2.11's CPU sampler bounds those at |z| < 3.4 (noise.py)."""
-    out, draw = filled(4, dtype, std=1.3)
-    g = torch.Generator().manual_seed(4)
-    for n, shape in SHAPES.items():
-        size = math.prod(shape)
-        want = [torch.empty(min(CHUNK, size - s)).normal_(0, 1.3, generator=g).to(dtype)
-                for s in range(0, size, CHUNK)]
-        assert torch.equal(out[n].flatten(), torch.cat(want) if want else out[n].flatten()), n
-    added = {n: torch.zeros(s, dtype=dtype) for n, s in SHAPES.items()}
-    NoiseSource(4).add_gaussian(added, 1.3)
-    assert all(torch.equal(added[n], out[n]) for n in SHAPES)
 
 
 def test_secure_draws_take_fresh_entropy_once_per_draw():
