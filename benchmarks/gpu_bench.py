@@ -1,6 +1,6 @@
 """Step time and extra GPU memory on a CUDA device: non-private, privgrad and Opacus.
 
-    python benchmarks/gpu_bench.py [--rounds 30] [--out PATH]
+    cd benchmarks && python gpu_bench.py [--rounds 30] [--models mlp,cnn,transformer]
 
 Same models, configurations and batches as ``run.py`` (``configs.build``), moved to the
 GPU. For each model and B all configurations live in one process and run round-robin,
@@ -8,8 +8,8 @@ one step of each per round after 3 warm-up steps; reported: the median step time
 (synchronised before and after) and its ratio to non-private, and the peak memory a step
 allocates above what lives before it (``torch.cuda.max_memory_allocated``), as a ratio
 to non-private's. ``non-private + noise`` is left out (it draws with the CPU generator).
-Without a CUDA device it prints that and writes nothing (``make bench`` runs on CPU
-machines too).
+Not part of ``make bench`` (whose machines have no GPU); without a CUDA device it prints
+that and writes nothing. Its section of RESULTS.md survives later ``make bench`` runs.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def test_an_input_modified_in_place_after_the_step_is_refused():
     before = trace.per_sample_grads(samples=[1])
     x.copy_(torch.randn(4, 30))  # a reused input buffer
     for ask in (lambda: trace.clipped_sum, lambda: trace.per_sample_grads(samples=[1])):
-        with pytest.raises(TraceReleasedError, match=r"module '0' \(Linear\).*modified in place"):
+        with pytest.raises(TraceReleasedError, match=r"module '0' \(Linear\).*modified after"):
             ask()
     assert before["0.weight"].shape == (1, 20, 30)
 
@@ -234,11 +234,70 @@ def test_a_recomputation_that_differs_is_refused(monkeypatch):
     _, grads, trace = _run(monkeypatch, "auto", held=False)
     real = physical._clipped_sums
 
-    def off_by_an_ulp(*args):
+    def off_by_an_ulp(*args):  # in one value only
         out = real(*args)
-        out["fc.weight"] = torch.nextafter(out["fc.weight"], torch.tensor(float("inf")))
+        w = out["fc.weight"].clone()
+        w.view(-1)[1] = torch.nextafter(w.view(-1)[1], torch.tensor(float("inf")))
+        out["fc.weight"] = w
         return out
 
     monkeypatch.setattr(physical, "_clipped_sums", off_by_an_ulp)
     with pytest.raises(TraceReleasedError, match=r"'fc.weight' computed again .* differs"):
         _ = trace.private_grad
+
+
+def test_keep_clipped_sum_holds_it_without_per_sample_gradients(monkeypatch):
+    _, grads, _ = _run(monkeypatch, "auto", held=False)  # the same step, computed again
+    monkeypatch.setattr(NoiseSource, "add_gaussian", None)  # the held way only
+    materialised = []
+    real = physical.per_sample_grads
+    monkeypatch.setattr(physical, "per_sample_grads",
+                        lambda ios, *a, **k: materialised.extend(ios) or real(ios, *a, **k))
+    torch.manual_seed(0)
+    model = Net()
+    engine = pg.DPEngine(model, noise_multiplier=0.9, max_grad_norm=0.05, expected_batch_size=20,
+                         seed=3)
+    idx, y = _data(20, 0)
+    trace = engine.backward(F.cross_entropy(model(idx), y, reduction="none"), keep="clipped_sum")
+    assert trace.kept == ()  # no per-sample gradients held
+    assert {io.call.unit.path for io in materialised} == {"norm", "act"}  # still book-kept
+    idx.zero_()  # what the model ran on changes; the held sum does not
+    for n, p in model.named_parameters():
+        assert torch.equal(trace.private_grad[n], p.grad) and torch.equal(p.grad, grads[n]), n
+
+
+class Shifted(nn.Module):
+    """A module without a rule that reads a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(24))
+        self.register_buffer("shift", torch.zeros(24))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift) * self.scale
+
+
+def test_a_module_with_buffers_keeps_the_clipped_sum_and_names_a_changed_buffer(monkeypatch):
+    monkeypatch.setattr(NoiseSource, "add_gaussian", None)  # the held way only
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 24), Shifted(), nn.Linear(24, 2))
+    engine = pg.DPEngine(model, noise_multiplier=1.0, max_grad_norm=0.1, expected_batch_size=6)
+    x = torch.randn(6, 24)
+    trace = engine.backward(model(x).square().sum(1))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model[1].shift.add_(0.5)  # e.g. updated by a callback between steps
+    for n, g in grads.items():
+        assert torch.equal(trace.private_grad[n], g), n
+    with pytest.raises(TraceReleasedError, match=r"buffer that module '1' \(Shifted\)"):
+        trace.per_sample_grads(samples=[0])
+
+
+def test_the_model_itself_as_the_layer_is_named():
+    model = nn.Linear(30, 2)
+    engine = pg.DPEngine(model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+    x = torch.randn(4, 30)
+    trace = engine.backward(model(x).square().sum(1))
+    x.mul_(2)
+    with pytest.raises(TraceReleasedError, match=r"module '<model>' \(Linear\)"):
+        _ = trace.clipped_sum

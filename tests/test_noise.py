@@ -84,6 +84,15 @@ def test_added_zero_std_only_divides_and_non_contiguous_is_refused():
     assert torch.equal(ok, torch.full((10,), 3.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_noise_has_gaussian_tails(dtype):
+    """PyTorch 2.11's CPU sampler drawing in 16 bits never went beyond |z| = 3.4 (bfloat16)
+    or 3.9 (float16): bounded noise. A Gaussian puts 6.3e-5 of its mass beyond 4σ."""
+    z = NoiseSource(2).gaussian({"z": torch.empty(2_000_000, dtype=dtype)}, 1.0)["z"].double()
+    beyond = int((z.abs() > 4).sum())  # expected about 127
+    assert 70 < beyond < 200 and float(z.abs().max()) > 4.5
+
+
 def test_secure_draws_take_fresh_entropy_once_per_draw():
     """One seed per draw and device, whatever the number of tensors (under torch.distributed
     each seed is a broadcast from rank 0)."""

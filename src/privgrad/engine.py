@@ -37,7 +37,7 @@ from privgrad.per_sample.batch import (
 from privgrad.per_sample.capture import Capture
 from privgrad.per_sample.plan import plan_units
 from privgrad.physical import BatchResult, clip_batch, sum_fresh
-from privgrad.trace import KEEPABLE, Segment, StepTrace
+from privgrad.trace import KEEP_OPTIONS, KEEPABLE, Segment, StepTrace
 
 MODES = ("auto", "ghost", "materialize", "vmap")
 
@@ -170,8 +170,10 @@ class DPEngine:
 
         Args:
             losses: Per-sample losses, shape ``(B,)`` (``reduction="none"``).
-            keep: Per-sample gradients to hold in the trace: ``"pre_clip"``,
-                ``"post_clip"``. Anything not kept can still be asked for later.
+            keep: What the trace holds: per-sample gradients ``"pre_clip"``,
+                ``"post_clip"``, and ``"clipped_sum"`` (one parameter-sized copy beside
+                ``p.grad``; otherwise computed again when read). Anything not kept can
+                still be asked for later, as long as what the model ran on is unchanged.
 
         Returns:
             The step's ``StepTrace`` (NOT PRIVATE except ``private_grad``).
@@ -190,7 +192,7 @@ class DPEngine:
 
         Args:
             losses: Per-sample losses of this physical batch, shape ``(b,)``.
-            keep: Per-sample gradients of this batch to hold for the step's trace.
+            keep: What to hold for the step's trace (as in ``backward``).
             retain: Also hold the batch's recorded layer inputs and output gradients, so
                 the trace can materialise any of its samples later (costs memory until
                 the trace is dropped); the step can then also write the private gradient
@@ -443,7 +445,7 @@ def _clip_rule(max_grad_norm: float | None, clipping: ClipRule | None) -> ClipRu
 
 def _check_keep(keep: Iterable[str] | str) -> tuple[str, ...]:
     keep = (keep,) if isinstance(keep, str) else tuple(keep)
-    bad = [k for k in keep if k not in KEEPABLE]
+    bad = [k for k in keep if k not in KEEP_OPTIONS]
     if bad:
-        raise ValueError(f"privgrad: keep={bad} not understood; choose from {KEEPABLE}.")
+        raise ValueError(f"privgrad: keep={bad} not understood; choose from {KEEP_OPTIONS}.")
     return keep

@@ -18,7 +18,7 @@ from privgrad.clipping import ClipPlan, group_norms
 from privgrad.errors import TraceReleasedError
 from privgrad.per_sample import chunks, ghost
 from privgrad.per_sample.batch import LayerIO, per_sample_grads
-from privgrad.trace import Segment, check_unchanged, clip
+from privgrad.trace import KEEPABLE, Segment, check_unchanged, clip
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ def clip_batch(
         plan: The bound clipping rule.
         batch_size: ``B``.
         mode: ``"auto"``, ``"ghost"``, ``"materialize"`` or ``"vmap"`` (performance only).
-        keep: Per-sample gradients to return materialised (``"pre_clip"``, ``"post_clip"``).
+        keep: Per-sample gradients to return materialised (``"pre_clip"``, ``"post_clip"``);
+            ``"clipped_sum"``: the step must hold the clipped sum (not ``recomputable``).
         reference: ``{name: autograd gradient of losses.sum()}`` to self-check against,
             or ``None``.
 
@@ -74,8 +75,8 @@ def clip_batch(
         The batch's ``BatchResult``.
     """
     B = batch_size
-    materialize_all = mode in ("materialize", "vmap") or bool(keep)
-    ghost_ios, dense_ios = ([], ios) if materialize_all else ghost.split(ios, names, B)
+    materialize_all = mode in ("materialize", "vmap") or any(k in KEEPABLE for k in keep)
+    ghost_ios, dense_ios = _split(ios, names, B, materialize_all)
     if B > 0:
         psg = per_sample_grads(dense_ios, names, B)
     else:
@@ -109,8 +110,15 @@ def clip_batch(
         param_factors=param_factors,
         clipped_sum={n: clipped_sum[n] for n in trainable},
         kept=kept,
-        recomputable=not materialize_all and not _cpu_autocast(),
+        recomputable=not materialize_all and "clipped_sum" not in keep and not _cpu_autocast(),
     )
+
+
+def _split(
+    ios: list[LayerIO], names: dict[int, str], batch_size: int, materialize_all: bool
+) -> tuple[list[LayerIO], list[LayerIO]]:
+    """``(book-kept calls, calls to materialise)``, for the step and ``clipped_sum_again``."""
+    return ([], ios) if materialize_all else ghost.split(ios, names, batch_size)
 
 
 def _clipped_sums(
@@ -172,7 +180,7 @@ def clipped_sum_again(
         torch.set_num_threads(threads)
         for seg, param_factors in parts:
             with torch.autocast("cpu", enabled=False):  # as at the step (recomputable)
-                ghost_ios, dense_ios = ghost.split(seg.ios, names, seg.size)
+                ghost_ios, dense_ios = _split(seg.ios, names, seg.size, False)
                 psg = per_sample_grads(dense_ios, names, seg.size, None, seg.snapshot)
                 sums.append(_clipped_sums(ghost_ios, psg, names, param_factors))
     finally:

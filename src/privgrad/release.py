@@ -8,8 +8,8 @@ Two ways to write it, the same bits either way (IEEE addition commutes):
 - **in place** (``recomputable``): the noise is added into the clipped sum's own tensors,
   which become ``p.grad``, so the step holds no second parameter-sized tensor; the trace
   computes the clipped sum again, bit for bit, from the recorded layer calls
-  (``physical.clipped_sum_again``) when it is read, and checks the result against
-  every ``PROBE_STRIDE``-th value kept from the step;
+  (``physical.clipped_sum_again``) when it is read, and checks the result against a
+  checksum of every value taken at the step;
 - **held**: the noise is drawn into a new gradient and the clipped sum added; the trace
   holds the clipped sum.
 """
@@ -39,15 +39,20 @@ def recomputable(
     Every physical batch is ``BatchResult.recomputable`` (book-kept, CPU autocast off),
     retained and not empty; one process (under ``torch.distributed`` the sum is
     all-reduced); every tensor on the CPU (CUDA's scatter-adds and cuDNN's weight
-    gradients are not deterministic by default); and no recorded tensor is an inference
+    gradients are not deterministic by default); no recorded tensor is an inference
     tensor (its in-place changes are not counted, so a later change could not be
-    detected).
+    detected); and no module without a rule has buffers (its next forward may update
+    them, and recomputing needs the values of this step).
     """
     if distributed or any(t.device.type != "cpu" for t in clipped_sum.values()):
         return False
     if not all(r.recomputable and seg.ios is not None and seg.size > 0 for seg, r in pending):
         return False
-    return not any(t.is_inference() for seg, _ in pending for t in recorded_tensors(seg.ios))
+    ios = [io for seg, _ in pending for io in seg.ios]
+    if any(io.call.unit.rule is None and next(io.call.unit.module.buffers(), None) is not None
+           for io in ios):
+        return False
+    return not any(t.is_inference() for t in recorded_tensors(ios))
 
 
 def write_private_gradient(
@@ -73,9 +78,9 @@ def write_private_gradient(
     """
     if again is not None:
         private = {n: s.contiguous() for n, s in clipped_sum.items()}
-        probe = {n: _probe(s).clone() for n, s in private.items()}
+        sums_at_step = {n: checksum(s) for n, s in private.items()}
         draw = noise.add_gaussian(private, std, expected_batch_size)
-        return private, draw, functools.partial(_checked, again, probe)
+        return private, draw, functools.partial(_checked, again, sums_at_step)
     private = {n: torch.empty(s.shape, dtype=s.dtype, device=s.device)
                for n, s in clipped_sum.items()}
     draw = noise.fill_gaussian(private, std)
@@ -84,28 +89,31 @@ def write_private_gradient(
     return private, draw, functools.partial(dict, clipped_sum)
 
 
-PROBE_STRIDE = 61
-"""Every 61st value of the clipped sum is kept (1.6% of it) to check its recomputation."""
+def checksum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of the tensor's bit patterns as integers (wrapping): one read pass.
 
-
-def _probe(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1)[::PROBE_STRIDE]
+    Any recomputation that differs in one value's bits changes it (unless another value
+    changes by exactly the opposite integer amount).
+    """
+    bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()]
+    return t.reshape(-1).view(bits).sum(dtype=torch.int64)
 
 
 def _checked(
-    again: Callable[[], dict[str, torch.Tensor]], probe: Mapping[str, torch.Tensor]
+    again: Callable[[], dict[str, torch.Tensor]], sums_at_step: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """``again()``, refused unless it reproduces the probed values of the step bit for bit."""
+    """``again()``, refused unless it reproduces the step's clipped sum bit for bit."""
     sums = again()
     for n, s in sums.items():
-        if not torch.equal(_probe(s), probe[n]):
+        if not torch.equal(checksum(s), sums_at_step[n]):
             raise TraceReleasedError(
                 f"privgrad: the clipped sum of {n!r} computed again from this step's recorded "
                 "layer calls differs from the one the step used, so it would not match p.grad "
-                "bit for bit (a changed BLAS or thread setting, or a recorded tensor changed "
-                "without PyTorch counting it, e.g. through .data or numpy). Fix: read "
-                "trace.clipped_sum / trace.private_grad right after the step, or take the "
-                "step with keep=('pre_clip',) to hold everything it used."
+                "bit for bit: something the step ran on changed in a way PyTorch does not "
+                "count (a write through .data or through numpy memory), or the BLAS library "
+                "changed its settings. Fix: read trace.clipped_sum / trace.private_grad "
+                "before changing what the model ran on, or take the step with "
+                "keep='clipped_sum' to hold it (one parameter-sized copy)."
             )
     return sums
 

@@ -20,6 +20,11 @@ from privgrad.noise import NoiseDraw
 from privgrad.per_sample.batch import LayerIO, first_modified, per_sample_grads
 
 KEEPABLE = ("pre_clip", "post_clip")
+"""Per-sample gradients a step can hold (``keep=``)."""
+
+KEEP_OPTIONS = (*KEEPABLE, "clipped_sum")
+"""Everything ``keep=`` accepts: the per-sample gradients, and the clipped sum (held
+beside ``p.grad`` rather than computed again when read)."""
 
 
 def private_gradient(
@@ -61,7 +66,7 @@ class Segment:
     ios: list[LayerIO] | None
     kept: dict[str, dict[str, torch.Tensor]]
     snapshot: dict[int, torch.Tensor]
-    versions: tuple[tuple[int, ...], ...] = ()
+    versions: tuple[tuple[tuple[int, int], ...], ...] = ()
 
 
 def check_unchanged(seg: Segment) -> None:
@@ -69,14 +74,15 @@ def check_unchanged(seg: Segment) -> None:
     io = None if seg.ios is None else first_modified(seg.ios, seg.versions)
     if io is not None:
         raise TraceReleasedError(
-            f"privgrad: the input or output gradient that module '{io.call.unit.path}' "
-            f"({type(io.call.unit.module).__name__}) recorded at this step was modified in "
-            "place after the step (an input buffer reused with copy_() for the next batch, "
-            "or an input that is a view of a parameter, changed by optimizer.step()), so "
-            "this step's per-sample gradients and clipped sum can no longer be computed from "
-            "it. Fix: read the trace before modifying the tensors the model ran on (before "
-            "optimizer.step() for a parameter view), pass a fresh tensor per batch, or "
-            "keep=('pre_clip',) to hold the per-sample gradients."
+            f"privgrad: an input, output gradient or buffer that module "
+            f"'{io.call.unit.path or '<model>'}' ({type(io.call.unit.module).__name__}) "
+            "recorded at this step was modified after the step (an input buffer reused with "
+            "copy_() for the next batch, a buffer updated by the next forward, an input that "
+            "is a view of a parameter changed by optimizer.step()), so this step's "
+            "per-sample gradients and clipped sum can no longer be computed from it. Fix: "
+            "read the trace before modifying what the model ran on, pass a fresh tensor per "
+            "batch, or hold what you will read: keep='clipped_sum' (cheap) for "
+            "clipped_sum/private_grad, keep=('pre_clip',) for per-sample gradients."
         )
 
 

@@ -177,23 +177,30 @@ def _tensors(tree: object) -> Iterator[torch.Tensor]:
 
 
 def recorded_tensors(ios: list[LayerIO]) -> list[torch.Tensor]:
-    """Every tensor a trace relies on: the calls' inputs and output gradients."""
-    return [t for io in ios for t in _tensors((io.call.args, io.call.kwargs, io.grads))]
+    """Every tensor a trace relies on.
+
+    The calls' inputs and output gradients, and the buffers of functional units (their
+    forward runs again and reads them).
+    """
+    return [t for io in ios for t in (
+        *_tensors((io.call.args, io.call.kwargs, io.grads)),
+        *(io.call.unit.module.buffers() if io.call.unit.rule is None else ()))]
 
 
-def versions(ios: list[LayerIO]) -> tuple[tuple[int, ...], ...]:
-    """Per call, the in-place version counters of its recorded tensors.
+def versions(ios: list[LayerIO]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per call, ``(memory address, in-place version)`` of each of its recorded tensors.
 
     ``Tensor._version`` (private in PyTorch, the counter autograd uses for the same
-    check) counts in-place changes of a tensor and of every view of its memory.
-    Inference tensors have no counter and are skipped.
+    check) counts in-place changes of a tensor and of every view of its memory; the
+    address catches a buffer replaced by another tensor. Inference tensors have no
+    counter and are skipped.
     """
-    return tuple(tuple(t._version for t in recorded_tensors([io]) if not t.is_inference())
-                 for io in ios)
+    return tuple(tuple((t.data_ptr(), t._version) for t in recorded_tensors([io])
+                       if not t.is_inference()) for io in ios)
 
 
 def first_modified(
-    ios: list[LayerIO], recorded: tuple[tuple[int, ...], ...]
+    ios: list[LayerIO], recorded: tuple[tuple[tuple[int, int], ...], ...]
 ) -> LayerIO | None:
     """The first call whose recorded tensors changed in place since ``versions`` was taken.
 
