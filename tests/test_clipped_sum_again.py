@@ -229,20 +229,31 @@ def test_an_inference_tensor_among_the_inputs_keeps_the_clipped_sum(monkeypatch)
         assert torch.equal(trace.private_grad[n], p.grad), n
 
 
-def test_a_recomputation_that_differs_is_refused(monkeypatch):
-    """The probe: a recomputed clipped sum that is not the step's, bit for bit, raises."""
+@pytest.mark.parametrize("change", ["one-ulp", "two-values-swapped", "row-moved"])
+def test_a_recomputation_that_differs_is_refused(monkeypatch, change):
+    """The checksum: a recomputed clipped sum that is not the step's, bit for bit, raises,
+    also when its values only moved (a token rewritten through numpy memory moves an
+    embedding row)."""
     _, grads, trace = _run(monkeypatch, "auto", held=False)
     real = physical._clipped_sums
 
-    def off_by_an_ulp(*args):  # in one value only
+    def changed(*args):
         out = real(*args)
-        w = out["fc.weight"].clone()
-        w.view(-1)[1] = torch.nextafter(w.view(-1)[1], torch.tensor(float("inf")))
-        out["fc.weight"] = w
+        name = "emb.weight" if change == "row-moved" else "fc.weight"
+        w = out[name].clone()
+        flat = w.view(-1)
+        if change == "one-ulp":
+            flat[1] = torch.nextafter(flat[1], torch.tensor(float("inf")))
+        elif change == "two-values-swapped":
+            flat[[3, 700]] = flat[[700, 3]]
+        else:
+            w[[5, 9]] = w[[9, 5]]
+        assert not torch.equal(w, out[name])
+        out[name] = w
         return out
 
-    monkeypatch.setattr(physical, "_clipped_sums", off_by_an_ulp)
-    with pytest.raises(TraceReleasedError, match=r"'fc.weight' computed again .* differs"):
+    monkeypatch.setattr(physical, "_clipped_sums", changed)
+    with pytest.raises(TraceReleasedError, match=r"computed again .* differs"):
         _ = trace.private_grad
 
 
