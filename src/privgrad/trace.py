@@ -131,11 +131,13 @@ class StepTrace:
         and retained batches, one process, CPU); the trace then computes the sum again,
         bit for bit, from the recorded layer inputs and output gradients (one
         weight-gradient call per book-kept layer; layers whose per-sample gradients were
-        materialised materialise them again) and holds it once asked for.
+        materialised materialise them again), checks it against a checksum taken at the
+        step, and holds it once asked for. ``keep="clipped_sum"`` holds it from the step.
 
         Raises:
-            TraceReleasedError: If it must be computed again and a recorded input was
-                modified in place, or a parameter frozen or unfrozen, since the step.
+            TraceReleasedError: If it must be computed again and what the step ran on
+                changed since (a recorded input or buffer modified, a parameter frozen or
+                unfrozen), or the result does not match the step's checksum.
         """
         return self._clipped_sum()
 
