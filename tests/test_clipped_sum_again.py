@@ -312,3 +312,19 @@ def test_the_model_itself_as_the_layer_is_named():
     x.mul_(2)
     with pytest.raises(TraceReleasedError, match=r"module '<model>' \(Linear\)"):
         _ = trace.clipped_sum
+
+
+def test_the_recomputation_runs_with_the_steps_thread_count(monkeypatch):
+    """A BLAS may split a reduction differently with another thread count."""
+    _, _, trace = _run(monkeypatch, "auto", held=False)
+    at_step = torch.get_num_threads()
+    seen = []
+    real = physical._clipped_sums
+    monkeypatch.setattr(physical, "_clipped_sums",
+                        lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    torch.set_num_threads(1)
+    try:
+        _ = trace.clipped_sum
+        assert seen == [at_step] and torch.get_num_threads() == 1  # and restored after
+    finally:
+        torch.set_num_threads(at_step)
