@@ -328,3 +328,20 @@ def test_the_recomputation_runs_with_the_steps_thread_count(monkeypatch):
         assert seen == [at_step] and torch.get_num_threads() == 1  # and restored after
     finally:
         torch.set_num_threads(at_step)
+
+
+def test_versions_of_a_sparse_input():
+    """A sparse argument (a graph's adjacency) has no data pointer; its version still counts."""
+    from types import SimpleNamespace
+
+    from privgrad.per_sample.batch import first_modified, versions
+
+    adjacency = torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 0]]), torch.ones(2), (2, 2))
+    unit = SimpleNamespace(rule=None, module=nn.Linear(2, 2), path="gnn")
+    io = SimpleNamespace(call=SimpleNamespace(args=(torch.randn(2, 2),),
+                                              kwargs={"adj": adjacency}, unit=unit),
+                         grads=[torch.randn(2, 2)])
+    recorded = versions([io])
+    assert first_modified([io], recorded) is None
+    adjacency.mul_(2)
+    assert first_modified([io], recorded) is io
