@@ -237,11 +237,11 @@ def _draw(
             if buf is None:
                 part.normal_(0.0, std, generator=gen)
                 continue
-            noise = buf[:part.numel()].normal_(0.0, std, generator=gen).to(t.dtype)
+            drawn = buf[:part.numel()].normal_(0.0, std, generator=gen)
             if combine is None:
-                part.copy_(noise)
+                part.copy_(drawn)  # rounds to the target's dtype, as .to() does
             else:
-                combine(part, noise)
+                combine(part, drawn.to(t.dtype))
 
 
 def _sampling_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -128,7 +128,7 @@ def _clipped_sums(
     param_factors: Mapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """``{param name: p.shape}``: book-kept calls by their rule, the others by a weighted sum."""
-    out = ghost.clipped_sums(ghost_ios, names, dict(param_factors))
+    out = ghost.clipped_sums(ghost_ios, names, param_factors)
     out |= {n: torch.tensordot(param_factors[n].to(g.dtype), g, dims=1) for n, g in psg.items()}
     return out
 
@@ -172,7 +172,8 @@ def clipped_sum_again(
         raise TraceReleasedError(
             f"privgrad: parameter {changed[0]!r} was frozen or unfrozen since this step, so its "
             "clipped sum can no longer be computed again from the recorded layer calls. Fix: "
-            "read trace.clipped_sum / trace.private_grad before changing requires_grad."
+            "read trace.clipped_sum / trace.private_grad before changing requires_grad, or "
+            "take the step with keep='clipped_sum' to hold it."
         )
     sums = []
     before = torch.get_num_threads()

@@ -57,8 +57,8 @@ class Segment:
         ios: Recorded layer inputs and output gradients, or ``None`` once released.
         kept: Materialised per-sample gradients (``keep=``), ``{kind: {name: (size, ...)}}``.
         snapshot: Parameter values of functional units at the step (``id -> tensor``).
-        versions: In-place version counters of the recorded tensors at the step
-            (``batch.versions``), to detect a later in-place change.
+        versions: Per call, ``(address, version counter)`` of each recorded tensor at the
+            step (``batch.versions``), to detect a later change.
     """
 
     offset: int
@@ -146,7 +146,8 @@ class StepTrace:
         """``{param name: p.shape}`` the Gaussian noise added to the clipped sum. NOT PRIVATE.
 
         Drawn again, bit for bit, from the generator state recorded at the step (the step
-        drew it straight into ``p.grad`` and kept no copy); held once asked for.
+        wrote it into the tensors that became ``p.grad`` and kept no copy); held once
+        asked for.
         """
         return self._noise_draw.values()
 

@@ -192,7 +192,7 @@ def versions(ios: list[LayerIO]) -> tuple[tuple[tuple[int, int], ...], ...]:
 
     ``Tensor._version`` (private in PyTorch, the counter autograd uses for the same
     check) counts in-place changes of a tensor and of every view of its memory; the
-    address catches a buffer replaced by another tensor (0 for tensors without one
+    address catches a buffer replaced by another tensor (0 for tensors without a single
     storage, such as sparse ones). Inference tensors have no counter and are skipped.
     """
     return tuple(tuple((t.data_ptr() if t.layout == torch.strided else 0, t._version)

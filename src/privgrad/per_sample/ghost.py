@@ -16,6 +16,7 @@ from the same recorded ``A`` and ``G``.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 
 import torch
 
@@ -87,7 +88,7 @@ def squared_norms(
 
 
 def clipped_sums(
-    ios: list[LayerIO], names: dict[int, str], factors: dict[str, torch.Tensor]
+    ios: list[LayerIO], names: dict[int, str], factors: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """``{param name: p.shape}`` = ``sum_i f_i g_i`` for the ghost calls' parameters.
 
