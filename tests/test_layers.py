@@ -531,6 +531,48 @@ def test_clipped_sum_scales_either_operand_exactly(d, p):
                  {k: torch.tensordot(f, v, dims=1) for k, v in psg.items()})
 
 
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("budget,max_chunks", [(1, 100), (7, 100), (1, 3), (10**9, 4)])
+def test_clipped_sum_in_chunks_of_samples(T, budget, max_chunks):
+    """The scaled copy made a chunk of samples at a time (uneven chunks, the chunk cap,
+    one chunk) gives the weighted sum of the per-sample gradients of the loop oracle."""
+    from privgrad.per_sample import linear as rules
+
+    torch.manual_seed(T)
+    B, d, p = 7, 5, 4
+    m = nn.Linear(d, p).double()
+    x = torch.randn(B, T, d, dtype=torch.double)
+    want = loop_per_sample_grads(m, lambda out, i: sin_loss(out).sum(), x, 0)
+    out = m(x)
+    G = torch.autograd.grad(sin_loss(out).sum(), out)[0]
+    f = torch.rand(B, dtype=torch.double)
+    scaled = []
+    real = rules.chunks.scale_smaller
+
+    def spy(A, G, factors):
+        scaled.append(A.shape[0])
+        return real(A, G, factors)
+
+    with mock.patch.object(rules, "SCALED_ELEMENTS", budget), \
+            mock.patch.object(rules, "MAX_SCALED_CHUNKS", max_chunks), \
+            mock.patch.object(rules.chunks, "scale_smaller", spy):
+        got = rules.clipped_sum(m, x, G.detach(), {"weight": f, "bias": f})
+    step = max(min(B, max(1, budget // (T * min(d, p)))), -(-B // max_chunks))
+    assert scaled == [min(step, B - s) for s in range(0, B, step)]
+    assert_close(got, {"weight": torch.tensordot(f, want["weight"], dims=1),
+                       "bias": torch.tensordot(f, want["bias"], dims=1)})
+
+
+def test_bias_gradients_of_single_vectors_are_a_view():
+    from privgrad.per_sample import linear as rules
+
+    G = torch.randn(4, 1, 3)
+    assert rules._bias_grads(G).data_ptr() == G.data_ptr()
+    assert torch.equal(rules._bias_grads(G), G[:, 0])
+    G3 = torch.randn(4, 2, 3)
+    assert torch.equal(rules._bias_grads(G3), G3.sum(1))
+
+
 @pytest.mark.parametrize("frozen", ["weight", "bias"])
 @pytest.mark.parametrize("make,shape", [
     (lambda: nn.Linear(6, 5), (3, 4, 6)),

@@ -30,15 +30,18 @@ chunks)."""
 
 
 def chunk_size(
-    batch_size: int, elements_per_sample: int, device: torch.device | None = None
+    batch_size: int,
+    elements_per_sample: int,
+    device: torch.device | None = None,
+    cpu_budget: int | None = None,
 ) -> int:
     """Samples per chunk (at least 1) whose intermediates fit the device's budget.
 
-    ``chunk · elements_per_sample <= CHUNK_ELEMENTS`` on the CPU (or when ``device`` is
-    ``None``), ``<= CHUNK_ELEMENTS_ACCELERATOR`` elsewhere.
+    ``chunk · elements_per_sample <= CHUNK_ELEMENTS`` (or ``cpu_budget``) on the CPU (or
+    when ``device`` is ``None``), ``<= CHUNK_ELEMENTS_ACCELERATOR`` elsewhere.
     """
-    budget = CHUNK_ELEMENTS if device is None or device.type == "cpu" else (
-        CHUNK_ELEMENTS_ACCELERATOR)
+    budget = (CHUNK_ELEMENTS if cpu_budget is None else cpu_budget) if (
+        device is None or device.type == "cpu") else CHUNK_ELEMENTS_ACCELERATOR
     return max(1, min(int(batch_size), budget // max(1, int(elements_per_sample))))
 
 
