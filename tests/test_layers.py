@@ -359,13 +359,15 @@ def spy_linear_rule(monkeypatch) -> list[tuple[str, nn.Module, set[str]]]:
     """Records each call of the Linear rule: ``(kind, module, parameters returned)``.
 
     ``kind`` is ``"materialised"`` (per-sample gradients) or ``"book-kept"`` (norms). Also
-    restores the production materialisation threshold for the test.
+    restores the production materialisation threshold for the test, and streams no call
+    (``auto`` would time both ways on the first step: tested in test_stream.py).
     """
     import dataclasses
 
-    from privgrad.per_sample import registry
+    from privgrad.per_sample import registry, stream
 
     monkeypatch.setattr(_ghost, "DENSE_ELEMENTS", PRODUCTION_DENSE_ELEMENTS)
+    monkeypatch.setattr(stream, "choose", lambda ios, batch_size: None)
     calls = []
     rule = registry.lookup(nn.Linear(1, 1))
 

@@ -16,7 +16,7 @@ from torch import nn
 from privgrad import guards
 from privgrad.clipping import ClipPlan, group_norms
 from privgrad.errors import TraceReleasedError
-from privgrad.per_sample import chunks, ghost
+from privgrad.per_sample import chunks, ghost, stream
 from privgrad.per_sample.batch import LayerIO, per_sample_grads
 from privgrad.trace import KEEPABLE, Segment, check_unchanged, clip
 
@@ -36,6 +36,8 @@ class BatchResult:
             bit for bit from the recorded calls: they were split into book-kept and
             materialised calls (modes ``"auto"``/``"ghost"``, nothing kept) and CPU
             autocast was off.
+        streamed: Index in the batch's recorded calls of the call whose per-sample
+            gradients were streamed (``per_sample.stream``), or ``None``.
     """
 
     layer_sq: dict[str, torch.Tensor]
@@ -45,6 +47,7 @@ class BatchResult:
     clipped_sum: dict[str, torch.Tensor]
     kept: dict[str, dict[str, torch.Tensor]]
     recomputable: bool
+    streamed: int | None = None
 
 
 def clip_batch(
@@ -77,6 +80,8 @@ def clip_batch(
     B = batch_size
     materialize_all = mode in ("materialize", "vmap") or any(k in KEEPABLE for k in keep)
     ghost_ios, dense_ios = _split(ios, names, B, materialize_all)
+    chosen = stream.choose(ghost_ios, B) if mode == "auto" else None
+    streamed = None if chosen is None else ghost_ios.pop(chosen)
     if B > 0:
         psg = per_sample_grads(dense_ios, names, B)
     else:
@@ -84,6 +89,13 @@ def clip_batch(
     strategy = "measure" if mode == "auto" else "cost"
     layer_sq = ghost.squared_norms(ghost_ios, names, strategy)
     layer_sq |= {n: chunks.squared_norms(g) for n, g in psg.items()}
+    streamed_sum, streamed_factors = {}, {}
+    if streamed is not None:  # last: every other norm is known
+        own = _trainable_names(streamed, names)
+        guards.check_complete(trainable, layer_sq | dict.fromkeys(own.values()))
+        streamed_sq, streamed_sum, streamed_factors = _stream(
+            streamed, own, {n: layer_sq.get(n) for n in trainable}, plan, B)
+        layer_sq |= streamed_sq
     guards.check_complete(trainable, layer_sq)
     layer_sq = {n: layer_sq[n] for n in trainable}
     dtype = next(iter(layer_sq.values())).dtype if layer_sq else torch.float32
@@ -92,12 +104,17 @@ def clip_batch(
     if reference is not None:
         ones = {n: torch.ones_like(s) for n, s in layer_sq.items()}
         sums = {n: g.sum(0) for n, g in psg.items()}
-        sums |= ghost.clipped_sums(ghost_ios, names, ones)
+        book_kept = ghost_ios + ([] if streamed is None else [streamed])
+        sums |= ghost.clipped_sums(book_kept, names, ones)
         rtol = 3e-2 if any(io.half for io in ios) else 1e-3
         guards.self_check(reference, sums, {n: s.sqrt().sum() for n, s in layer_sq.items()}, rtol)
     factors = plan.factors(group_norms(layer_sq, plan.group_of))
     param_factors = {n: factors[plan.group_of[n]] for n in trainable}
     clipped_sum = _clipped_sums(ghost_ios, psg, names, param_factors)
+    if streamed is not None:
+        if not all(torch.equal(f, param_factors[n]) for n, f in streamed_factors.items()):
+            streamed_sum = _stream_again(streamed, names, param_factors, B)  # not expected
+        clipped_sum |= streamed_sum
     kept = {}
     if "pre_clip" in keep:
         kept["pre_clip"] = psg
@@ -111,7 +128,64 @@ def clip_batch(
         clipped_sum={n: clipped_sum[n] for n in trainable},
         kept=kept,
         recomputable=not materialize_all and "clipped_sum" not in keep and not _cpu_autocast(),
+        streamed=None if streamed is None else next(
+            i for i, io in enumerate(ios) if io is streamed),
     )
+
+
+def _trainable_names(io: LayerIO, names: dict[int, str]) -> dict[str, str]:
+    """``{attr: param name}`` of a rule call's trainable parameters."""
+    return {a: names[id(p)] for a, p in io.call.unit.params.items() if p.requires_grad}
+
+
+def _stream(
+    io: LayerIO,
+    own: dict[str, str],
+    layer_sq: Mapping[str, torch.Tensor | None],
+    plan: ClipPlan,
+    batch_size: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Streams ``io`` (``per_sample.stream``) with factors from the other calls' norms.
+
+    A chunk's factors come from the same elementwise functions of the same squared
+    norms, summed in the same order, as the batch's factors computed afterwards.
+
+    Args:
+        io: The streamed call.
+        own: ``{attr: param name}`` of its trainable parameters.
+        layer_sq: ``{param name: (B,)}`` squared norms in the order of the trainable
+            parameters; ``None`` for ``own``'s (not known yet).
+        plan: The bound clipping plan.
+        batch_size: ``B``.
+
+    Returns:
+        ``({name: (B,) squared norms}, {name: clipped sum}, {name: (B,) factors used})``
+        for ``own``'s parameters.
+    """
+    used: dict[str, list[torch.Tensor]] = {n: [] for n in own.values()}
+
+    def factors_for(s: slice, chunk_sq: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        mine = {own[a]: v for a, v in chunk_sq.items()}
+        sq = {n: mine[n] if n in mine else v[s] for n, v in layer_sq.items()}
+        groups = plan.factors(group_norms(sq, plan.group_of))
+        out = {a: groups[plan.group_of[own[a]]] for a in chunk_sq}
+        for a, f in out.items():
+            used[own[a]].append(f)
+        return out
+
+    sq, sums = stream.run(io, batch_size, factors_for)
+    return ({own[a]: v for a, v in sq.items()}, {own[a]: v for a, v in sums.items()},
+            {n: torch.cat(fs) for n, fs in used.items()})
+
+
+def _stream_again(
+    io: LayerIO, names: dict[int, str], param_factors: Mapping[str, torch.Tensor],
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """The streamed call's clipped sum with the batch's factors (``clipped_sum_again``)."""
+    own = _trainable_names(io, names)
+    _, sums = stream.run(io, batch_size, lambda s, sq: {a: param_factors[own[a]][s] for a in sq})
+    return {own[a]: v for a, v in sums.items()}
 
 
 def _split(
@@ -134,7 +208,7 @@ def _clipped_sums(
 
 
 def clipped_sum_again(
-    parts: Sequence[tuple[Segment, Mapping[str, torch.Tensor]]],
+    parts: Sequence[tuple[Segment, Mapping[str, torch.Tensor], int | None]],
     names: dict[int, str],
     trainable: Mapping[str, nn.Parameter],
     threads: int,
@@ -150,8 +224,8 @@ def clipped_sum_again(
     clipped sum's own tensors (``release``), and the trace asks for this.
 
     Args:
-        parts: Per physical batch, its ``Segment`` (with ``ios``) and its
-            ``{param name: (size,)}`` factors.
+        parts: Per physical batch, its ``Segment`` (with ``ios``), its
+            ``{param name: (size,)}`` factors and ``BatchResult.streamed``.
         names: ``id(parameter) -> name``.
         trainable: ``{name: parameter}`` trainable at the step, in order.
         threads: ``torch.get_num_threads()`` at the step.
@@ -163,9 +237,9 @@ def clipped_sum_again(
         TraceReleasedError: A recorded tensor was modified in place since the step, or a
             parameter was frozen or unfrozen since.
     """
-    for seg, _ in parts:
+    for seg, _, _ in parts:
         check_unchanged(seg)
-    reached = {names[id(p)]: p for seg, _ in parts for io in seg.ios
+    reached = {names[id(p)]: p for seg, _, _ in parts for io in seg.ios
                for p in io.call.unit.params.values()}
     changed = sorted(n for n, p in reached.items() if p.requires_grad != (n in trainable))
     if changed:
@@ -179,11 +253,16 @@ def clipped_sum_again(
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        for seg, param_factors in parts:
+        for seg, param_factors, streamed in parts:
             with torch.autocast("cpu", enabled=False):  # as at the step (recomputable)
                 ghost_ios, dense_ios = _split(seg.ios, names, seg.size, False)
                 psg = per_sample_grads(dense_ios, names, seg.size, None, seg.snapshot)
-                sums.append(_clipped_sums(ghost_ios, psg, names, param_factors))
+                last = None if streamed is None else seg.ios[streamed]
+                ghost_ios = [io for io in ghost_ios if io is not last]
+                part = _clipped_sums(ghost_ios, psg, names, param_factors)
+                if last is not None:
+                    part |= _stream_again(last, names, param_factors, seg.size)
+                sums.append(part)
     finally:
         torch.set_num_threads(before)
     return {n: sum_fresh(s[n] for s in sums) for n in trainable}

@@ -138,5 +138,5 @@ def recompute_thunk(
 ) -> Callable[[], dict[str, torch.Tensor]]:
     """The trace's way back to the clipped sum of a step written in place."""
     return functools.partial(
-        clipped_sum_again, [(seg, r.param_factors) for seg, r in pending], names,
+        clipped_sum_again, [(seg, r.param_factors, r.streamed) for seg, r in pending], names,
         dict(trainable), torch.get_num_threads())

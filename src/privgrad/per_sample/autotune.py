@@ -55,10 +55,10 @@ def fastest(key: Hashable, candidates: dict[str, Callable[[], T]]) -> T:
     winner, best_t, value = None, float("inf"), None
     for _ in range(REPEATS):
         for n, fn in candidates.items():
-            _sync()
+            sync()
             start = time.perf_counter()
             v = fn()
-            _sync()
+            sync()
             elapsed = time.perf_counter() - start
             if elapsed < best_t:
                 winner, best_t, value = n, elapsed, v
@@ -67,7 +67,7 @@ def fastest(key: Hashable, candidates: dict[str, Callable[[], T]]) -> T:
     return value
 
 
-def _sync() -> None:
+def sync() -> None:
     """Waits for queued GPU work, so a timing covers the kernels, not their launch."""
     if torch.cuda.is_initialized():
         torch.cuda.synchronize()

@@ -113,7 +113,14 @@ def _weight_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.Tens
         return G.new_zeros(0, *module.weight.shape)
 
     def grouped() -> torch.Tensor:
-        return _weight_grad(module, A, G, folds=B).view(B, *module.weight.shape)
+        def chunk(s: slice) -> torch.Tensor:
+            b = A[s].shape[0]
+            return _weight_grad(module, A[s], G[s], folds=b).view(b, *module.weight.shape)
+
+        # In chunks: the kernel's own buffers grow with the folded batch, and it slows
+        # down with many groups (the benchmark CNN's 64→64 conv on 8×8 at B = 64: 7.8 ms
+        # in one call, 1.5 ms in chunks of 16 samples).
+        return chunks.per_sample_chunked(chunk, B, g * d * p, A.device)
 
     def unfold() -> torch.Tensor:
         def chunk(s: slice) -> torch.Tensor:
