@@ -80,7 +80,9 @@ class DPEngine:
             result is the same in every mode. In ``auto`` and ``ghost`` a layer whose
             per-sample gradients are small (``per_sample.ghost.DENSE_ELEMENTS``, and per
             sample at most twice its input and output gradient) is materialised instead of
-            book-kept.
+            book-kept; ``auto`` also streams the one book-kept layer per physical batch
+            whose per-sample gradients made a chunk at a time, once every other norm is
+            known, were measured fastest (``per_sample.stream``).
         seed: ``None`` for noise from OS entropy; an int for reproducible noise that is NOT
             secure.
         sample_rate: ``q``, the probability that a sample joins a logical batch (Poisson

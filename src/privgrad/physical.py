@@ -7,7 +7,7 @@ and adds the noise once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,12 +89,13 @@ def clip_batch(
     strategy = "measure" if mode == "auto" else "cost"
     layer_sq = ghost.squared_norms(ghost_ios, names, strategy)
     layer_sq |= {n: chunks.squared_norms(g) for n, g in psg.items()}
-    streamed_sum, streamed_factors = {}, {}
+    streamed_sum, others = {}, {}
     if streamed is not None:  # last: every other norm is known
         own = _trainable_names(streamed, names)
         guards.check_complete(trainable, layer_sq | dict.fromkeys(own.values()))
-        streamed_sq, streamed_sum, streamed_factors = _stream(
-            streamed, own, {n: layer_sq.get(n) for n in trainable}, plan, B)
+        others = _group_sums({n: layer_sq[n] for n in trainable if n not in own.values()},
+                             plan.group_of)
+        streamed_sq, streamed_sum = _stream(streamed, own, others, plan, B)
         layer_sq |= streamed_sq
     guards.check_complete(trainable, layer_sq)
     layer_sq = {n: layer_sq[n] for n in trainable}
@@ -109,12 +110,11 @@ def clip_batch(
         rtol = 3e-2 if any(io.half for io in ios) else 1e-3
         guards.self_check(reference, sums, {n: s.sqrt().sum() for n, s in layer_sq.items()}, rtol)
     factors = plan.factors(group_norms(layer_sq, plan.group_of))
+    if streamed is not None:  # the streamed call's groups exactly as its chunks had them
+        mine = {n: layer_sq[n] for n in own.values()}
+        factors |= _own_group_factors(mine, lambda g: others.get(g), plan)
     param_factors = {n: factors[plan.group_of[n]] for n in trainable}
-    clipped_sum = _clipped_sums(ghost_ios, psg, names, param_factors)
-    if streamed is not None:
-        if not all(torch.equal(f, param_factors[n]) for n, f in streamed_factors.items()):
-            streamed_sum = _stream_again(streamed, names, param_factors, B)  # not expected
-        clipped_sum |= streamed_sum
+    clipped_sum = _clipped_sums(ghost_ios, psg, names, param_factors) | streamed_sum
     kept = {}
     if "pre_clip" in keep:
         kept["pre_clip"] = psg
@@ -138,44 +138,66 @@ def _trainable_names(io: LayerIO, names: dict[int, str]) -> dict[str, str]:
     return {a: names[id(p)] for a, p in io.call.unit.params.items() if p.requires_grad}
 
 
+def _group_sums(
+    layer_sq: Mapping[str, torch.Tensor], group_of: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
+    """``{group: (B,)}`` sums of squared norms, added in the order of ``layer_sq``."""
+    out: dict[str, torch.Tensor] = {}
+    for n, s in layer_sq.items():
+        g = group_of[n]
+        out[g] = out[g] + s if g in out else s
+    return out
+
+
+def _own_group_factors(
+    own_sq: Mapping[str, torch.Tensor],
+    others: Callable[[str], torch.Tensor | None],
+    plan: ClipPlan,
+) -> dict[str, torch.Tensor]:
+    """``{group: factors}`` of the groups of the streamed call's parameters.
+
+    Each group's squared norm is the other calls' sum (``others(group)``) plus the
+    streamed call's own, in its order: elementwise, so a chunk's factors are exactly the
+    corresponding slice of the batch's.
+    """
+    sq: dict[str, torch.Tensor] = {}
+    for n, v in own_sq.items():
+        g = plan.group_of[n]
+        if g in sq:
+            sq[g] = sq[g] + v
+        else:
+            base = others(g)
+            sq[g] = v if base is None else base + v
+    return plan.factors({g: s.sqrt() for g, s in sq.items()})
+
+
 def _stream(
     io: LayerIO,
     own: dict[str, str],
-    layer_sq: Mapping[str, torch.Tensor | None],
+    others: Mapping[str, torch.Tensor],
     plan: ClipPlan,
     batch_size: int,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Streams ``io`` (``per_sample.stream``) with factors from the other calls' norms.
-
-    A chunk's factors come from the same elementwise functions of the same squared
-    norms, summed in the same order, as the batch's factors computed afterwards.
 
     Args:
         io: The streamed call.
         own: ``{attr: param name}`` of its trainable parameters.
-        layer_sq: ``{param name: (B,)}`` squared norms in the order of the trainable
-            parameters; ``None`` for ``own``'s (not known yet).
+        others: ``{group: (B,)}`` the other parameters' squared norms summed per group
+            (``_group_sums``).
         plan: The bound clipping plan.
         batch_size: ``B``.
 
     Returns:
-        ``({name: (B,) squared norms}, {name: clipped sum}, {name: (B,) factors used})``
-        for ``own``'s parameters.
+        ``({name: (B,) squared norms}, {name: clipped sum})`` for ``own``'s parameters.
     """
-    used: dict[str, list[torch.Tensor]] = {n: [] for n in own.values()}
-
     def factors_for(s: slice, chunk_sq: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mine = {own[a]: v for a, v in chunk_sq.items()}
-        sq = {n: mine[n] if n in mine else v[s] for n, v in layer_sq.items()}
-        groups = plan.factors(group_norms(sq, plan.group_of))
-        out = {a: groups[plan.group_of[own[a]]] for a in chunk_sq}
-        for a, f in out.items():
-            used[own[a]].append(f)
-        return out
+        groups = _own_group_factors(mine, lambda g: others[g][s] if g in others else None, plan)
+        return {a: groups[plan.group_of[own[a]]] for a in chunk_sq}
 
     sq, sums = stream.run(io, batch_size, factors_for)
-    return ({own[a]: v for a, v in sq.items()}, {own[a]: v for a, v in sums.items()},
-            {n: torch.cat(fs) for n, fs in used.items()})
+    return {own[a]: v for a, v in sq.items()}, {own[a]: v for a, v in sums.items()}
 
 
 def _stream_again(

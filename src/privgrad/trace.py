@@ -131,7 +131,7 @@ class StepTrace:
         and retained batches, one process, CPU); the trace then computes the sum again,
         bit for bit, from the recorded layer inputs and output gradients (one
         weight-gradient call per book-kept layer; layers whose per-sample gradients were
-        materialised materialise them again), checks it against a checksum taken at the
+        materialised or streamed make them again), checks it against a checksum taken at the
         step, and holds it once asked for. ``keep="clipped_sum"`` holds it from the step.
 
         Raises:

@@ -8,7 +8,8 @@ Small per-sample gradients (``B × parameters <= DENSE_ELEMENTS``, and per sampl
 twice the call's input plus output gradient) are materialised: they cost at most the
 layer's weight-gradient FLOPs once, and their clipped sum is then a cheap weighted sum,
 where book-keeping pays the norm and then the weight gradient again. A Linear on single
-vectors is always book-kept: its ghost norm ``|a|²·|g|²`` is next to free.
+vectors is always book-kept: its ghost norm ``|a|²·|g|²`` is next to free. In mode
+``"auto"`` one book-kept call per physical batch may be streamed instead (``stream.py``).
 Per-sample gradients are still available from the trace: they are materialised lazily
 from the same recorded ``A`` and ``G``.
 """
