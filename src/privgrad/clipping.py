@@ -98,11 +98,18 @@ def group_norms(
     Returns:
         ``{group name: (B,)}`` L2 norms.
     """
+    return {g: s.sqrt() for g, s in group_sq_sums(layer_sq_norms, group_of).items()}
+
+
+def group_sq_sums(
+    layer_sq_norms: Mapping[str, torch.Tensor], group_of: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
+    """``{group name: (B,)}`` sums of per-parameter squared norms, added in their order."""
     sq: dict[str, torch.Tensor] = {}
     for name, s in layer_sq_norms.items():
         g = group_of[name]
         sq[g] = sq[g] + s if g in sq else s
-    return {g: s.sqrt() for g, s in sq.items()}
+    return sq
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from privgrad import guards
-from privgrad.clipping import ClipPlan, group_norms
+from privgrad.clipping import ClipPlan, group_norms, group_sq_sums
 from privgrad.errors import TraceReleasedError
 from privgrad.per_sample import chunks, ghost, stream
 from privgrad.per_sample.batch import LayerIO, per_sample_grads
@@ -93,8 +93,8 @@ def clip_batch(
     if streamed is not None:  # last: every other norm is known
         own = _trainable_names(streamed, names)
         guards.check_complete(trainable, layer_sq | dict.fromkeys(own.values()))
-        others = _group_sums({n: layer_sq[n] for n in trainable if n not in own.values()},
-                             plan.group_of)
+        others = group_sq_sums({n: layer_sq[n] for n in trainable if n not in own.values()},
+                               plan.group_of)
         streamed_sq, streamed_sum = _stream(streamed, own, others, plan, B)
         layer_sq |= streamed_sq
     guards.check_complete(trainable, layer_sq)
@@ -138,17 +138,6 @@ def _trainable_names(io: LayerIO, names: dict[int, str]) -> dict[str, str]:
     return {a: names[id(p)] for a, p in io.call.unit.params.items() if p.requires_grad}
 
 
-def _group_sums(
-    layer_sq: Mapping[str, torch.Tensor], group_of: Mapping[str, str]
-) -> dict[str, torch.Tensor]:
-    """``{group: (B,)}`` sums of squared norms, added in the order of ``layer_sq``."""
-    out: dict[str, torch.Tensor] = {}
-    for n, s in layer_sq.items():
-        g = group_of[n]
-        out[g] = out[g] + s if g in out else s
-    return out
-
-
 def _own_group_factors(
     own_sq: Mapping[str, torch.Tensor],
     others: Callable[[str], torch.Tensor | None],
@@ -184,7 +173,7 @@ def _stream(
         io: The streamed call.
         own: ``{attr: param name}`` of its trainable parameters.
         others: ``{group: (B,)}`` the other parameters' squared norms summed per group
-            (``_group_sums``).
+            (``clipping.group_sq_sums``).
         plan: The bound clipping plan.
         batch_size: ``B``.
 

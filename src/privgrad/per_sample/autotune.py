@@ -50,9 +50,21 @@ def fastest(key: Hashable, candidates: dict[str, Callable[[], T]]) -> T:
     name = _CHOICE.get(key)
     if name in candidates:
         return candidates[name]()
+    times, value = best_times(candidates)
+    _CHOICE[key] = min(times, key=times.__getitem__)
+    return value
+
+
+def best_times(candidates: dict[str, Callable[[], T]]) -> tuple[dict[str, float], T]:
+    """Each candidate's best time in seconds over ``REPEATS`` rounds, after one warm-up run.
+
+    Returns:
+        ``({name: seconds}, the value of the fastest run)``.
+    """
     for fn in candidates.values():
         fn()  # warm-up
-    winner, best_t, value = None, float("inf"), None
+    times = dict.fromkeys(candidates, float("inf"))
+    value = None
     for _ in range(REPEATS):
         for n, fn in candidates.items():
             sync()
@@ -60,11 +72,11 @@ def fastest(key: Hashable, candidates: dict[str, Callable[[], T]]) -> T:
             v = fn()
             sync()
             elapsed = time.perf_counter() - start
-            if elapsed < best_t:
-                winner, best_t, value = n, elapsed, v
+            if elapsed < min(times.values()):
+                value = v
+            times[n] = min(times[n], elapsed)
             del v
-    _CHOICE[key] = winner
-    return value
+    return times, value
 
 
 def sync() -> None:

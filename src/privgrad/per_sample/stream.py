@@ -22,8 +22,6 @@ are the same whenever it is computed again with those factors.
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Hashable, Mapping
 
 import torch
@@ -94,17 +92,8 @@ def _measure(io: LayerIO, batch_size: int) -> float:
     def streamed() -> None:
         run(io, batch_size, lambda s, sq: {a: ones[a][s] for a in sq})
 
-    book()  # warm-up; also settles the norm's own measured choice
-    streamed()
-    best = {"book": math.inf, "stream": math.inf}
-    for _ in range(autotune.REPEATS):
-        for name, fn in (("book", book), ("stream", streamed)):
-            autotune.sync()
-            start = time.perf_counter()
-            fn()
-            autotune.sync()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best["book"] - best["stream"]
+    times, _ = autotune.best_times({"book": book, "stream": streamed})  # book first: its
+    return times["book"] - times["stream"]  # warm-up settles the norm's own measured choice
 
 
 def run(
