@@ -22,6 +22,10 @@ from privgrad.per_sample.batch import LayerIO
 from privgrad.per_sample.capture import Call
 from privgrad.per_sample.plan import plan_units
 
+T = 24
+"""Positions per sample: every book-kept call's per-sample gradients are at most twice its
+input and output gradient, so each may be streamed (``stream._eligible``)."""
+
 
 class Net(nn.Module):
     """Book-kept Conv1d, Embedding and Linear beside a materialised GroupNorm."""
@@ -88,7 +92,7 @@ def test_streamed_call_against_the_loop(monkeypatch, winner, budget):
     _force(monkeypatch, winner)
     torch.manual_seed(0)
     model = Net().double()
-    idx = torch.randint(0, 50, (7, 5))
+    idx = torch.randint(0, 50, (7, T))
     sq, factors, sums, C = _oracle(model, idx, _flat_factors())
     chosen = []
     real = physical._stream
@@ -117,7 +121,7 @@ def test_streamed_call_with_per_layer_clipping(monkeypatch):
     _force(monkeypatch, nn.Conv1d)
     torch.manual_seed(1)
     model = Net().double()
-    idx = torch.randint(0, 50, (6, 5))
+    idx = torch.randint(0, 50, (6, T))
     groups = {n: n.split(".")[0] for n, _ in model.named_parameters()}
     sq, factors, sums, C = _oracle(model, idx, _per_layer_factors(groups))
     with mock.patch.object(chunks, "CHUNK_ELEMENTS", 200), \
@@ -150,7 +154,7 @@ def test_recomputed_clipped_sum_is_the_steps_bit_for_bit(monkeypatch, sizes):
                 pg.DPEngine(model, noise_multiplier=0.7, max_grad_norm=0.1,
                             expected_batch_size=9, seed=5) as engine:
             for b, size in enumerate(sizes):
-                idx = torch.randint(0, 50, (size, 5), generator=torch.Generator().manual_seed(b))
+                idx = torch.randint(0, 50, (size, T), generator=torch.Generator().manual_seed(b))
                 engine.accumulate(sin_loss(model(idx)), retain=True)
             trace = engine.step()
             out[held] = ({n: p.grad.clone() for n, p in model.named_parameters()},
@@ -177,7 +181,7 @@ def test_choose_takes_the_largest_saving_and_measures_each_shape_once(monkeypatc
     with pg.DPEngine(model, noise_multiplier=0.0, max_grad_norm=1.0,
                      expected_batch_size=4) as engine:
         for _ in range(3):
-            engine.backward(sin_loss(model(torch.randint(0, 50, (4, 5)))))
+            engine.backward(sin_loss(model(torch.randint(0, 50, (4, T)))))
             model.zero_grad()
     assert sorted(measured, key=str) == sorted([nn.Embedding, nn.Conv1d, nn.Linear], key=str)
     assert calls == [nn.Conv1d] * 3
@@ -185,7 +189,7 @@ def test_choose_takes_the_largest_saving_and_measures_each_shape_once(monkeypatc
     calls.clear()
     with pg.DPEngine(model, noise_multiplier=0.0, max_grad_norm=1.0,
                      expected_batch_size=64) as engine:
-        engine.backward(sin_loss(model(torch.randint(0, 50, (64, 5)))))
+        engine.backward(sin_loss(model(torch.randint(0, 50, (64, T)))))
     assert calls == [nn.Embedding]
 
 
@@ -195,7 +199,7 @@ def test_only_auto_streams(monkeypatch, mode):
     model = Net()
     with pg.DPEngine(model, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4,
                      mode=mode) as engine:
-        engine.backward(sin_loss(model(torch.randint(0, 50, (4, 5)))))
+        engine.backward(sin_loss(model(torch.randint(0, 50, (4, T)))))
     assert measured == []
 
 
@@ -204,15 +208,48 @@ def test_one_sample_16_bit_and_single_position_calls_are_not_measured(monkeypatc
     model = Net()
     with pg.DPEngine(model, noise_multiplier=0.0, max_grad_norm=1.0,
                      expected_batch_size=1) as engine:
-        engine.backward(sin_loss(model(torch.randint(0, 50, (1, 5)))))
+        engine.backward(sin_loss(model(torch.randint(0, 50, (1, T)))))
     assert measured == []
-    unit = plan_units(nn.Linear(6, 3))[0]
-    A, G = torch.randn(4, 6, dtype=torch.bfloat16), torch.randn(4, 3, dtype=torch.bfloat16)
-    assert not stream._eligible(LayerIO(Call(unit, (A,), {}, [G.shape], [None]), [G], True), 4)
-    assert not stream._eligible(LayerIO(Call(unit, (A.float(),), {}, [G.shape], [None]),
-                                        [G.float()]), 4)  # one position per sample
-    A3, G3 = A.float().view(2, 2, 6), G.float().view(2, 2, 3)
-    assert stream._eligible(LayerIO(Call(unit, (A3,), {}, [G3.shape], [None]), [G3]), 2)
+    unit = plan_units(nn.Linear(6, 3))[0]  # 21 parameters
+
+    def io(positions: int, dtype: torch.dtype = torch.float32, half: bool = False) -> LayerIO:
+        A, G = torch.randn(4, positions, 6, dtype=dtype), torch.randn(4, positions, 3, dtype=dtype)
+        return LayerIO(Call(unit, (A,), {}, [G.shape], [None]), [G], half)
+
+    assert not stream._eligible(io(2, torch.bfloat16, True), 4)
+    assert not stream._eligible(io(1), 4)  # 21 > 2 · (6 + 3): one position per sample
+    assert stream._eligible(io(2), 4)  # 21 <= 2 · 2 · (6 + 3)
+
+
+def test_factors_follow_the_parameter_order_not_the_rules_output_order(monkeypatch):
+    """A Linear whose bias was registered before its weight: the rule returns weight
+    first, the parameters list bias first. The chunks' factors must still be exact slices
+    of the batch's (the recomputed clipped sum passes its bit-for-bit checksum)."""
+    _force(monkeypatch, nn.Linear)
+    streamed = []
+    real = physical._stream
+    monkeypatch.setattr(physical, "_stream",
+                        lambda io, *a: streamed.append(io.call.unit.module) or real(io, *a))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        fc = nn.Linear(8, 5)
+        w = fc.weight
+        del fc.weight
+        fc.weight = w
+        assert [n for n, _ in fc.named_parameters()] == ["bias", "weight"]
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), fc)
+        monkeypatch.setattr(stream, "_SAVED", {})
+        monkeypatch.setattr(stream, "_measure",
+                            lambda io, B, fc=fc: 1.0 if io.call.unit.module is fc else -1.0)
+        streamed.clear()
+        x = torch.randn(16, 3, 4)
+        with mock.patch.object(chunks, "CHUNK_ELEMENTS", 100), \
+                pg.DPEngine(model, noise_multiplier=0.5, max_grad_norm=0.05,
+                            expected_batch_size=16, seed=seed) as engine:
+            trace = engine.backward(sin_loss(model(x)))
+            sums = trace.clipped_sum  # recomputed and checked
+        assert streamed == [fc]
+        assert set(sums) == {n for n, _ in model.named_parameters()}
 
 
 def test_measure_times_both_ways_on_the_real_tensors():

@@ -181,7 +181,7 @@ def _stream(
         ``({name: (B,) squared norms}, {name: clipped sum})`` for ``own``'s parameters.
     """
     def factors_for(s: slice, chunk_sq: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        mine = {own[a]: v for a, v in chunk_sq.items()}
+        mine = {n: chunk_sq[a] for a, n in own.items() if a in chunk_sq}  # own's order
         groups = _own_group_factors(mine, lambda g: others[g][s] if g in others else None, plan)
         return {a: groups[plan.group_of[own[a]]] for a in chunk_sq}
 

@@ -50,21 +50,20 @@ def fastest(key: Hashable, candidates: dict[str, Callable[[], T]]) -> T:
     name = _CHOICE.get(key)
     if name in candidates:
         return candidates[name]()
-    times, value = best_times(candidates)
-    _CHOICE[key] = min(times, key=times.__getitem__)
+    _, _CHOICE[key], value = best_times(candidates)
     return value
 
 
-def best_times(candidates: dict[str, Callable[[], T]]) -> tuple[dict[str, float], T]:
+def best_times(candidates: dict[str, Callable[[], T]]) -> tuple[dict[str, float], str, T]:
     """Each candidate's best time in seconds over ``REPEATS`` rounds, after one warm-up run.
 
     Returns:
-        ``({name: seconds}, the value of the fastest run)``.
+        ``({name: seconds}, the fastest candidate, the value of its fastest run)``.
     """
     for fn in candidates.values():
         fn()  # warm-up
     times = dict.fromkeys(candidates, float("inf"))
-    value = None
+    winner, best, value = next(iter(candidates)), float("inf"), None
     for _ in range(REPEATS):
         for n, fn in candidates.items():
             sync()
@@ -72,11 +71,11 @@ def best_times(candidates: dict[str, Callable[[], T]]) -> tuple[dict[str, float]
             v = fn()
             sync()
             elapsed = time.perf_counter() - start
-            if elapsed < min(times.values()):
-                value = v
+            if elapsed < best:
+                winner, best, value = n, elapsed, v
             times[n] = min(times[n], elapsed)
             del v
-    return times, value
+    return times, winner, value
 
 
 def sync() -> None:

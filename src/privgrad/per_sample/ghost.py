@@ -65,8 +65,12 @@ def _small(io: LayerIO, params: int, batch_size: int) -> bool:
     vectors, ``T = 1``) the ghost norm costs next to nothing, and materialising would
     only add a pass over ``B × params`` values.
     """
-    per_sample_io = (io.A.numel() + io.G.numel()) // max(batch_size, 1)
-    return batch_size * params <= DENSE_ELEMENTS and params <= 2 * per_sample_io
+    return batch_size * params <= DENSE_ELEMENTS and params <= 2 * per_sample_io(io, batch_size)
+
+
+def per_sample_io(io: LayerIO, batch_size: int) -> int:
+    """Elements of a rule call's input plus output gradient per sample."""
+    return (io.A.numel() + io.G.numel()) // max(batch_size, 1)
 
 
 def squared_norms(

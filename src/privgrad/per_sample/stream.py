@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable, Mapping
 
 import torch
 
-from privgrad.per_sample import autotune, chunks
+from privgrad.per_sample import autotune, chunks, ghost
 from privgrad.per_sample.batch import LayerIO
 
 FactorsFn = Callable[[slice, dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
@@ -57,13 +57,15 @@ def _eligible(io: LayerIO, batch_size: int) -> bool:
     """Whether a book-kept call may be streamed.
 
     More than one sample; ``G`` in float32/float64 (the book-keeping path upcasts 16-bit
-    calls for their norms; streaming them is not measured); and more than one output
-    vector per sample (``G[i]`` larger than its last dimension). A Linear or Embedding on
-    one position per sample has a next-to-free norm ``‖a‖²‖g‖²``, so streaming cannot
-    win there, and measuring it would cost the first step a per-sample gradient.
+    calls for their norms; streaming them is not measured); and per-sample gradients at
+    most twice the size of the call's input and output gradient per sample
+    (``ghost.per_sample_io``). Larger ones cost more to make than the norm they replace
+    (a Linear on one position per sample, whose norm ``‖a‖²‖g‖²`` is next to free, or a
+    vocabulary-wide embedding), and measuring them would cost the first step seconds.
     """
+    params = sum(p.numel() for p in io.call.unit.params.values() if p.requires_grad)
     return (batch_size > 1 and not io.half and io.G.dtype in (torch.float32, torch.float64)
-            and io.G[0].numel() > io.G.shape[-1])
+            and params <= 2 * ghost.per_sample_io(io, batch_size))
 
 
 def _key(io: LayerIO, batch_size: int) -> tuple:
@@ -75,7 +77,7 @@ def _key(io: LayerIO, batch_size: int) -> tuple:
     m = io.call.unit.module
     trainable = tuple(a for a, p in io.call.unit.params.items() if p.requires_grad)
     return ("stream", type(m), m.extra_repr(), trainable, tuple(io.A.shape[1:]),
-            tuple(io.G.shape[1:]), io.A.dtype, io.A.device.type,
+            tuple(io.G.shape[1:]), io.A.dtype, io.G.dtype, io.A.device.type,
             autotune.batch_bucket(batch_size))
 
 
@@ -92,7 +94,7 @@ def _measure(io: LayerIO, batch_size: int) -> float:
     def streamed() -> None:
         run(io, batch_size, lambda s, sq: {a: ones[a][s] for a in sq})
 
-    times, _ = autotune.best_times({"book": book, "stream": streamed})  # book first: its
+    times, _, _ = autotune.best_times({"book": book, "stream": streamed})  # book first: its
     return times["book"] - times["stream"]  # warm-up settles the norm's own measured choice
 
 
@@ -101,9 +103,9 @@ def run(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per-sample squared norms and clipped sum of one call, a chunk of samples at a time.
 
-    Chunks are as even as the device's budget allows (``chunks.chunk_size``, for the
-    call's per-sample gradients); each chunk's gradients are added to the sum with its
-    factors (``addmv_``) and dropped.
+    Chunks fit the device's budget for the call's per-sample gradients
+    (``chunks.chunk_size``) and differ in size by at most one sample; each chunk's
+    gradients are added to the sum with its factors (``addmv_``) and dropped.
 
     Args:
         io: A rule call (``A``, ``G`` with the batch on dim 0).
@@ -117,8 +119,8 @@ def run(
     unit = io.call.unit
     params = {a: p for a, p in unit.params.items() if p.requires_grad}
     step = chunks.chunk_size(batch_size, sum(p.numel() for p in params.values()), io.A.device)
-    n_chunks = -(-batch_size // step)
-    step = -(-batch_size // n_chunks)  # even chunks: no small last one
+    n = -(-batch_size // step)
+    bounds = [i * batch_size // n for i in range(n + 1)]  # sizes differ by at most one
     sq_parts: dict[str, list[torch.Tensor]] = {a: [] for a in params}
     sums: dict[str, torch.Tensor] = {}
 
@@ -135,7 +137,7 @@ def run(
                 sums[a] = torch.mv(rows, f)
             sq_parts[a].append(chunk_sq[a])
 
-    for start in range(0, batch_size, step):
-        add_chunk(slice(start, min(start + step, batch_size)))
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        add_chunk(slice(start, end))
     return ({a: torch.cat(v) for a, v in sq_parts.items()},
             {a: s.view(params[a].shape) for a, s in sums.items()})
