@@ -11,13 +11,13 @@ two, with the memory of one chunk. Only one call per physical batch can come las
 Mode ``"auto"`` streams the book-kept call with the largest measured saving, if any saves
 time: the first time a layer configuration, per-sample shape and batch-size bucket is seen,
 both ways are timed on its real ``A`` and ``G`` (``autotune.REPEATS`` rounds, best of
-each) and the saving is remembered. On the benchmark CNN this is the 32→64 convolution at
-B = 256 (18 ms book-kept, 9 ms streamed).
+each) and the saving is remembered (``_eligible`` says which calls are measured).
 
 Exactness: a chunk's factors are the same elementwise functions of the same per-sample
-norms as the batch's (``physical.clip_batch`` checks that they are equal), so the streamed
-clipped sum is ``Σ_i f_i g_i`` with the step's factors; the chunks, and so the rounding,
-are the same whenever it is computed again with those factors.
+norms, summed in the same order, as the batch's (``physical._own_group_factors``), so they
+are exact slices of the factors the trace reports and the streamed clipped sum is
+``Σ_i f_i g_i`` with them; the chunks, and so the rounding, are the same whenever it is
+computed again with those factors (``physical.clipped_sum_again``).
 """
 
 from __future__ import annotations
