@@ -261,3 +261,28 @@ def test_measure_times_both_ways_on_the_real_tensors():
     io = LayerIO(Call(unit, (A,), {}, [G.shape], [None]), [G])
     saved = stream._measure(io, 16)
     assert isinstance(saved, float) and math.isfinite(saved) and abs(saved) < 1.0
+
+
+@pytest.mark.parametrize("winner", [nn.Embedding, nn.Conv1d])
+def test_reported_norms_give_exactly_the_applied_factors(monkeypatch, winner):
+    """Flat clipping in float32 with a streamed call that is not the last parameter: the
+    reported total norms must be the very values the factors came from, so
+    ``clip_factors(trace.norms, C)`` is bit for bit ``trace.clip_factors`` and a sample is
+    counted unclipped (``norm <= C``, adaptive clipping) exactly when its factor is 1."""
+    _force(monkeypatch, winner)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = Net()
+        idx = torch.randint(0, 50, (32, T))
+        with pg.DPEngine(model, noise_multiplier=0.0, max_grad_norm=1e-3,
+                         expected_batch_size=32) as engine:
+            trace = engine.backward(sin_loss(model(idx)))
+        assert torch.equal(trace.clip_factors, pg.clipping.clip_factors(trace.norms, 1e-3))
+        # a threshold exactly at each reported norm: that sample is unclipped, factor 1
+        C = float(trace.norms[seed])
+        model.zero_grad(set_to_none=True)
+        with pg.DPEngine(model, noise_multiplier=0.0, max_grad_norm=C,
+                         expected_batch_size=32) as engine:
+            trace = engine.backward(sin_loss(model(idx)))
+        assert float(trace.norms[seed]) == C
+        assert float(trace.clip_factors[seed]) == 1.0

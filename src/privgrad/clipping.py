@@ -86,21 +86,6 @@ def adaptive_update(
     return max_norm * math.exp(-learning_rate * (unclipped_fraction - target_quantile))
 
 
-def group_norms(
-    layer_sq_norms: Mapping[str, torch.Tensor], group_of: Mapping[str, str]
-) -> dict[str, torch.Tensor]:
-    """Per-sample norm of each group from per-parameter squared norms.
-
-    Args:
-        layer_sq_norms: ``{param name: (B,)}`` squared per-sample norms.
-        group_of: ``{param name: group name}``.
-
-    Returns:
-        ``{group name: (B,)}`` L2 norms.
-    """
-    return {g: s.sqrt() for g, s in group_sq_sums(layer_sq_norms, group_of).items()}
-
-
 def group_sq_sums(
     layer_sq_norms: Mapping[str, torch.Tensor], group_of: Mapping[str, str]
 ) -> dict[str, torch.Tensor]:

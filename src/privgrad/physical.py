@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from privgrad import guards
-from privgrad.clipping import ClipPlan, group_norms, group_sq_sums
+from privgrad.clipping import ClipPlan, group_sq_sums
 from privgrad.errors import TraceReleasedError
 from privgrad.per_sample import chunks, ghost, stream
 from privgrad.per_sample.batch import LayerIO, per_sample_grads
@@ -99,8 +99,11 @@ def clip_batch(
         layer_sq |= streamed_sq
     guards.check_complete(trainable, layer_sq)
     layer_sq = {n: layer_sq[n] for n in trainable}
-    dtype = next(iter(layer_sq.values())).dtype if layer_sq else torch.float32
-    total_sq = sum(layer_sq.values()) if layer_sq else torch.zeros(B, dtype=dtype)
+    group_sq = group_sq_sums(layer_sq, plan.group_of)
+    if streamed is not None:  # the streamed call's groups exactly as its chunks had them
+        mine = {n: layer_sq[n] for n in own.values()}
+        group_sq |= _own_group_sq(mine, lambda g: others.get(g), plan)
+    total_sq = _total_sq(layer_sq, group_sq, plan, B)
     guards.check_finite(total_sq, layer_sq)
     if reference is not None:
         ones = {n: torch.ones_like(s) for n, s in layer_sq.items()}
@@ -109,10 +112,7 @@ def clip_batch(
         sums |= ghost.clipped_sums(book_kept, names, ones)
         rtol = 3e-2 if any(io.half for io in ios) else 1e-3
         guards.self_check(reference, sums, {n: s.sqrt().sum() for n, s in layer_sq.items()}, rtol)
-    factors = plan.factors(group_norms(layer_sq, plan.group_of))
-    if streamed is not None:  # the streamed call's groups exactly as its chunks had them
-        mine = {n: layer_sq[n] for n in own.values()}
-        factors |= _own_group_factors(mine, lambda g: others.get(g), plan)
+    factors = plan.factors({g: s.sqrt() for g, s in group_sq.items()})
     param_factors = {n: factors[plan.group_of[n]] for n in trainable}
     clipped_sum = _clipped_sums(ghost_ios, psg, names, param_factors) | streamed_sum
     kept = {}
@@ -138,12 +138,31 @@ def _trainable_names(io: LayerIO, names: dict[int, str]) -> dict[str, str]:
     return {a: names[id(p)] for a, p in io.call.unit.params.items() if p.requires_grad}
 
 
-def _own_group_factors(
+def _total_sq(
+    layer_sq: Mapping[str, torch.Tensor],
+    group_sq: Mapping[str, torch.Tensor],
+    plan: ClipPlan,
+    batch_size: int,
+) -> torch.Tensor:
+    """``(B,)`` squared norm of each sample's whole gradient (``StepTrace.norms``).
+
+    With one clipping group it is the very tensor that group's factors are computed from
+    (``min(1, C / sqrt(total))``), so the reported norms and the applied factors agree to
+    the last bit, and a sample counted unclipped (``norm <= C``) has factor 1 exactly.
+    """
+    if plan.is_flat and len(group_sq) == 1:
+        return next(iter(group_sq.values()))
+    if layer_sq:
+        return sum(layer_sq.values())
+    return torch.zeros(batch_size, dtype=torch.float32)
+
+
+def _own_group_sq(
     own_sq: Mapping[str, torch.Tensor],
     others: Callable[[str], torch.Tensor | None],
     plan: ClipPlan,
 ) -> dict[str, torch.Tensor]:
-    """``{group: factors}`` of the groups of the streamed call's parameters.
+    """``{group: (B,) squared norms}`` of the groups of the streamed call's parameters.
 
     Each group's squared norm is the other calls' sum (``others(group)``) plus the
     streamed call's own, in its order: elementwise, so a chunk's factors are exactly the
@@ -157,7 +176,7 @@ def _own_group_factors(
         else:
             base = others(g)
             sq[g] = v if base is None else base + v
-    return plan.factors({g: s.sqrt() for g, s in sq.items()})
+    return sq
 
 
 def _stream(
@@ -182,7 +201,8 @@ def _stream(
     """
     def factors_for(s: slice, chunk_sq: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mine = {n: chunk_sq[a] for a, n in own.items() if a in chunk_sq}  # own's order
-        groups = _own_group_factors(mine, lambda g: others[g][s] if g in others else None, plan)
+        sq = _own_group_sq(mine, lambda g: others[g][s] if g in others else None, plan)
+        groups = plan.factors({g: v.sqrt() for g, v in sq.items()})
         return {a: groups[plan.group_of[own[a]]] for a in chunk_sq}
 
     sq, sums = stream.run(io, batch_size, factors_for)

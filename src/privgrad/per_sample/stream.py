@@ -14,7 +14,7 @@ both ways are timed on its real ``A`` and ``G`` (``autotune.REPEATS`` rounds, be
 each) and the saving is remembered (``_eligible`` says which calls are measured).
 
 Exactness: a chunk's factors are the same elementwise functions of the same per-sample
-norms, summed in the same order, as the batch's (``physical._own_group_factors``), so they
+norms, summed in the same order, as the batch's (``physical._own_group_sq``), so they
 are exact slices of the factors the trace reports and the streamed clipped sum is
 ``Σ_i f_i g_i`` with them; the chunks, and so the rounding, are the same whenever it is
 computed again with those factors (``physical.clipped_sum_again``).
