@@ -183,3 +183,27 @@ def test_bad_keep():
     engine = engine_for(model)
     with pytest.raises(ValueError, match="keep=\\['norms'\\]"):
         engine.backward(model(torch.randn(4, 4)).sum(1), keep=("norms",))
+
+
+def test_no_trainable_parameter_at_construction():
+    model = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"Sequential has no parameter with requires_grad=True"):
+        engine_for(model)
+
+
+@pytest.mark.parametrize("when", ["backward", "step"])
+def test_every_parameter_frozen_after_construction(when):
+    """A clear error, not autograd's; no step is taken and the ledger stays empty."""
+    model = mlp()
+    engine = engine_for(model, noise_multiplier=1.0, sample_rate=0.01)
+    x, y = data()
+    if when == "step":
+        engine.accumulate(F.cross_entropy(model(x), y, reduction="none"))
+    model.requires_grad_(False)
+    with pytest.raises(pg.GradientStateError, match=r"every parameter .* frozen.*Fix"):
+        if when == "step":
+            engine.step()
+        else:
+            engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+    assert engine.steps == 0 and engine.ledger.steps == 0 and not engine.ledger.entries
+    assert all(p.grad is None for p in model.parameters())

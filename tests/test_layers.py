@@ -483,6 +483,10 @@ def test_every_conv_candidate_against_the_loop(cfg, candidate):
                groups=2, padding_mode="circular"), (5, 4, 6)),
     (nn.Conv1d(6, 3, 3, stride=2, dilation=2, padding=3, groups=3, padding_mode="replicate"),
      (11,)),
+    (nn.Conv2d(4, 5, 1), (3, 4)),  # every kernel size 1: no shifted sums at all
+    (nn.Conv2d(3, 2, (1, 3), padding=(0, 1)), (4, 5)),  # kernel size 1 along one dim
+    (nn.Conv2d(2, 3, 2, stride=5), (4, 6)),  # stride beyond the input: one output per dim
+    (nn.Conv2d(2, 4, 3, padding=1, groups=2), (1, 1)),  # one position: the padding only
 ])
 def test_gram_norms_on_anisotropic_convolutions(conv, size):
     """Different kernel, stride, dilation and padding per dimension: the strided views of
@@ -490,14 +494,15 @@ def test_gram_norms_on_anisotropic_convolutions(conv, size):
     from privgrad.per_sample import conv as rules
 
     m = conv.double()
-    A = torch.randn(3, m.in_channels, *size, dtype=torch.double)
-    G = torch.randn_like(m(A))
-    want = []
-    for i in range(3):
-        g, = torch.autograd.grad((m(A[i:i + 1]) * G[i:i + 1]).sum(), m.weight)
-        want.append(g.square().sum())
-    torch.testing.assert_close(rules._gram_sq_norms(m, A, G), torch.stack(want), rtol=1e-10,
-                               atol=0)
+    for B in (3, 1):  # one sample: B·groups may be 1
+        A = torch.randn(B, m.in_channels, *size, dtype=torch.double)
+        G = torch.randn_like(m(A))
+        want = []
+        for i in range(B):
+            g, = torch.autograd.grad((m(A[i:i + 1]) * G[i:i + 1]).sum(), m.weight)
+            want.append(g.square().sum())
+        torch.testing.assert_close(rules._gram_sq_norms(m, A, G), torch.stack(want),
+                                   rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("shape,stride,gram", [

@@ -143,6 +143,13 @@ class DPEngine:
         self._unaccounted = 0  # steps taken without a sample_rate
         self._verified = False  # the first non-empty step is checked against autograd
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self._params:
+            raise ValueError(
+                f"privgrad: {type(model).__name__} has no parameter with requires_grad=True, "
+                "so a DPEngine on it would have nothing to train (parameters frozen when the "
+                "engine is created are never trained by it). Fix: unfreeze the parameters to "
+                "train (p.requires_grad_(True)) before creating the DPEngine."
+            )
         self._names = {id(p): n for n, p in model.named_parameters()}
         self.plan: ClipPlan = self.clipping.bind(list(self._params))
         if self.noise_multiplier > 0 and math.isinf(self.plan.sensitivity):
@@ -215,6 +222,7 @@ class DPEngine:
         keep = _check_keep(keep)
         losses = guards.check_losses(losses)
         trainable = {n: p for n, p in self._params.items() if p.requires_grad}
+        guards.check_any_trainable(trainable)
         if not self._pending:
             self._grads.check(trainable)
         elif set(trainable) != set(self._pending[0][1].layer_sq):
@@ -322,6 +330,7 @@ class DPEngine:
 
     def _check_step(self, pending: list, trainable: dict[str, nn.Parameter]) -> None:
         """Raises ``GradientStateError`` if this step must not be taken on this rank."""
+        guards.check_any_trainable(trainable)
         if pending and set(trainable) != set(pending[0][1].layer_sq):
             raise GradientStateError(
                 "privgrad: the set of trainable parameters changed between accumulate() and "

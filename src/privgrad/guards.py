@@ -117,6 +117,17 @@ def check_finite(
     )
 
 
+def check_any_trainable(trainable: Mapping[str, torch.nn.Parameter]) -> None:
+    """Raises ``GradientStateError`` when every parameter the engine trains is frozen."""
+    if not trainable:
+        raise GradientStateError(
+            "privgrad: every parameter this DPEngine trains has been frozen "
+            "(requires_grad=False) since it was created, so there is no gradient to clip "
+            "and no step to take. Fix: unfreeze at least one of them "
+            "(p.requires_grad_(True)) before engine.backward / accumulate / step."
+        )
+
+
 def check_complete(
     trainable: Mapping[str, torch.nn.Parameter], got: Mapping[str, torch.Tensor]
 ) -> None:
