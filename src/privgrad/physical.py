@@ -103,7 +103,7 @@ def clip_batch(
     if streamed is not None:  # the streamed call's groups exactly as its chunks had them
         mine = {n: layer_sq[n] for n in own.values()}
         group_sq |= _own_group_sq(mine, lambda g: others.get(g), plan)
-    total_sq = _total_sq(layer_sq, group_sq, plan, B)
+    total_sq = _total_sq(layer_sq, group_sq, plan)
     guards.check_finite(total_sq, layer_sq)
     if reference is not None:
         ones = {n: torch.ones_like(s) for n, s in layer_sq.items()}
@@ -139,22 +139,19 @@ def _trainable_names(io: LayerIO, names: dict[int, str]) -> dict[str, str]:
 
 
 def _total_sq(
-    layer_sq: Mapping[str, torch.Tensor],
-    group_sq: Mapping[str, torch.Tensor],
-    plan: ClipPlan,
-    batch_size: int,
+    layer_sq: Mapping[str, torch.Tensor], group_sq: Mapping[str, torch.Tensor], plan: ClipPlan
 ) -> torch.Tensor:
     """``(B,)`` squared norm of each sample's whole gradient (``StepTrace.norms``).
 
     With one clipping group it is the very tensor that group's factors are computed from
     (``min(1, C / sqrt(total))``), so the reported norms and the applied factors agree to
     the last bit, and a sample counted unclipped (``norm <= C``) has factor 1 exactly.
+    Callers pass at least one trainable parameter (``guards.check_any_trainable``).
     """
-    if plan.is_flat and len(group_sq) == 1:
-        return next(iter(group_sq.values()))
-    if layer_sq:
-        return sum(layer_sq.values())
-    return torch.zeros(batch_size, dtype=torch.float32)
+    if plan.is_flat:
+        (total,) = group_sq.values()
+        return total
+    return sum(layer_sq.values())
 
 
 def _own_group_sq(
