@@ -113,8 +113,11 @@ class ClipPlan:
 
     @property
     def sensitivity(self) -> float:
-        """L2 sensitivity of the clipped sum: ``sqrt(sum_g C_g²)``."""
-        return math.sqrt(sum(c * c for c in self.max_norms.values()))
+        """L2 sensitivity of the clipped sum: ``sqrt(sum_g C_g²)``.
+
+        Computed without overflow (``math.hypot``): ``C = 1e300`` stays ``1e300``.
+        """
+        return math.hypot(*self.max_norms.values())
 
     @property
     def is_flat(self) -> bool:
@@ -306,18 +309,22 @@ def adaptive_next(
 
 
 def record_release(
-    ledger: PrivacyLedger, noise_multiplier: float, sample_rate: float, rule: object
+    ledger: PrivacyLedger, noise_multiplier: float, sample_rate: float, rule: object,
+    sensitivity: float | None = None,
 ) -> None:
     """Records one DP-SGD step (or DP-FedAvg round) in ``ledger``.
 
     Under ``Adaptive`` clipping the noisy count is a second Gaussian release on the same
-    Poisson sample, accounted together with the gradient as one event.
+    Poisson sample, accounted together with the gradient as one event. ``sensitivity``
+    (the step's ``C``, or the rule's ``sqrt(sum_g C_g²)``) is kept with the entry as the
+    record of the run.
     """
     if isinstance(rule, Adaptive):
         ledger.record_event(shared_sample_step(
-            sample_rate, [noise_multiplier, rule.count_noise_multiplier]))
+            sample_rate, [noise_multiplier, rule.count_noise_multiplier]),
+            sensitivity=sensitivity)
     else:
-        ledger.record(noise_multiplier, sample_rate)
+        ledger.record(noise_multiplier, sample_rate, sensitivity=sensitivity)
 
 
 ClipRule = Flat | PerLayer | Automatic | Adaptive

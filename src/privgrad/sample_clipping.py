@@ -1,14 +1,30 @@
 """Sample-wise clipping as one call, for frameworks that own their training loop.
 
-``clipped_batch_gradients`` returns the batch mean of per-sample gradients, each clipped
-on its whole-gradient L2 norm (all parameters together), with no noise and no side
-effects (``p.grad`` untouched, no ledger). It runs the same per-sample core as
+``clipped_batch_gradients`` returns the sum of per-sample gradients, each clipped on its
+whole-gradient L2 norm (all parameters together), divided by a denominator, with no noise
+and no side effects (``p.grad`` untouched, no ledger). It runs the same per-sample core as
 ``DPEngine`` (``per_sample`` capture and rules, ``physical.clip_batch``).
 
 Formal guarantees:
-    None by itself: the result is NOT private. Adding ``N(0, σ²C²)/B`` noise to it is the
-    Gaussian mechanism with L2 sensitivity ``C/B`` (add/remove one sample, fixed ``B``
-    denominators). Use ``DPEngine`` to have the noise and the accounting done for you.
+    None by itself: the result is NOT private. Its L2 sensitivity, the most one sample can
+    move it, is (``C`` = ``max_norm``; ``B`` the realised batch size):
+
+    ======================================  ========================  ============
+    denominator                             add / remove one          replace one
+    ======================================  ========================  ============
+    ``normalize_by=n`` (public, fixed)      ``C / n``                 ``2C / n``
+    ``None``: the realised size ``B``       ``2C / B_max``            ``2C / B``
+    ======================================  ========================  ============
+
+    ``B_max`` is the larger of the two batches (``B + 1`` when one is added to ``B``,
+    ``B`` when one is removed): adding ``x`` moves the mean by ``(g_x − mean) / (B + 1)``,
+    whose norm reaches ``2C / (B + 1)`` when ``g_x`` opposes the others.
+
+    Adding ``N(0, σ²C²)/n`` with ``normalize_by=n`` fixed before seeing the data is the
+    Gaussian mechanism with noise multiplier ``σ`` under add/remove-one adjacency, as
+    ``DPEngine`` with ``expected_batch_size=n``. The realised mean needs noise for
+    ``2C / B`` at the smallest ``B`` the batch can have, and ``B`` itself is private.
+    Use ``DPEngine`` to have the noise and the accounting done for you.
 """
 
 from __future__ import annotations
@@ -35,9 +51,13 @@ def clipped_batch_gradients(
     targets: torch.Tensor,
     max_norm: float | None,
     *,
+    normalize_by: float | None = None,
     mode: str = "auto",
 ) -> dict[str, torch.Tensor]:
-    """Mean over the batch of per-sample gradients clipped to ``max_norm``. NOT PRIVATE.
+    """Sum of per-sample gradients clipped to ``max_norm``, over a denominator. NOT PRIVATE.
+
+    Its sensitivity is ``max_norm / normalize_by`` (add/remove one sample) with a fixed
+    ``normalize_by``, and ``2·max_norm / B`` for the realised mean (module docstring).
 
     Args:
         model: Any ``nn.Module`` that ``DPEngine`` accepts; it is not modified.
@@ -47,20 +67,32 @@ def clipped_batch_gradients(
         targets: Its targets.
         max_norm: ``C``; each sample's whole gradient is scaled by ``min(1, C/‖g_i‖)``.
             ``None`` gives the plain mean gradient.
+        normalize_by: A public constant fixed before seeing the data (the expected batch
+            size ``q·N`` under Poisson sampling): the result is the clipped sum divided by
+            it, with sensitivity ``C / normalize_by``, and an empty batch gives zeros.
+            ``None`` divides by the realised batch size ``B`` (the clipped mean: twice the
+            sensitivity, and ``B`` is private).
         mode: ``"auto"``, ``"ghost"``, ``"materialize"`` or ``"vmap"``: the result is the
             same in every mode.
 
     Returns:
-        ``{param name: p.shape}`` = ``(1/B) Σ_i min(1, C/‖g_i‖) g_i`` for every trainable
-        parameter.
+        ``{param name: p.shape}`` = ``(1/n) Σ_i min(1, C/‖g_i‖) g_i`` for every trainable
+        parameter, ``n = normalize_by`` or ``B``.
 
     Raises:
         InvalidLossError: If ``loss_fn`` does not return one loss per sample.
         NonFiniteGradientError: If a sample's gradient has a NaN or Inf (names it).
-        ValueError: For an empty batch (it has no mean) or a bad ``max_norm``/``mode``.
+        ValueError: For an empty batch without ``normalize_by`` (it has no mean) or a bad
+            ``max_norm``/``normalize_by``/``mode``.
     """
     if mode not in MODES:
         raise ValueError(f"privgrad: mode={mode!r} is not one of {MODES}.")
+    if normalize_by is not None and not (0 < float(normalize_by) < math.inf):
+        raise ValueError(
+            f"privgrad: normalize_by={normalize_by!r} must be a positive finite number, the "
+            "public denominator of the clipped sum. Fix: normalize_by=expected_batch_size "
+            "(q·N, fixed before seeing the data)."
+        )
     validate.check(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -70,11 +102,14 @@ def clipped_batch_gradients(
         losses = guards.check_losses(loss_fn(model(inputs), targets))
         calls = capture.take()
         B = losses.shape[0]
-        if B == 0:
+        if B == 0 and normalize_by is None:
             raise ValueError(
                 "privgrad: clipped_batch_gradients got an empty batch, which has no mean "
-                "gradient. Fix: skip empty batches, or use DPEngine (which releases noise)."
+                "gradient. Fix: pass normalize_by=expected_batch_size (then an empty batch "
+                "gives zeros), or use DPEngine (which releases noise)."
             )
+        if B == 0:
+            return {n: torch.zeros_like(p) for n, p in trainable.items()}
         if not losses.requires_grad:
             raise guards.not_connected(losses)
         ios = output_grads(losses, calls)
@@ -84,4 +119,5 @@ def clipped_batch_gradients(
         result = clip_batch(ios, names, trainable, plan, B, mode)
     finally:
         capture.close()
-    return {n: (s / B).to(trainable[n].dtype) for n, s in result.clipped_sum.items()}
+    n = B if normalize_by is None else float(normalize_by)
+    return {k: (s / n).to(trainable[k].dtype) for k, s in result.clipped_sum.items()}

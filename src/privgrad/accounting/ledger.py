@@ -51,11 +51,15 @@ class LedgerEntry:
         count: How many consecutive times it happened, >= 1.
         is_step: Whether each occurrence is a training step (counted by
             :attr:`PrivacyLedger.steps`) rather than an extra release.
+        sensitivity: The L2 sensitivity ``S`` (e.g. the clipping threshold ``C``) that
+            each occurrence's noise ``σS`` was calibrated to, for the record of the run;
+            ``None`` if not given. ε does not depend on it (σ is relative to ``S``).
     """
 
     event: dp_accounting.DpEvent
     count: int
     is_step: bool = True
+    sensitivity: float | None = None
 
 
 @dataclass
@@ -83,9 +87,10 @@ class PrivacyLedger:
         self._events: list[dp_accounting.DpEvent] = []
         self._counts: list[int] = []
         self._is_step: list[bool] = []
+        self._sensitivity: list[float | None] = []
         self._steps = 0
         self._version = 0
-        self._last_key: tuple[float, float] | None = None
+        self._last_key: tuple[float, float, float | None] | None = None
         self._clear_caches()
 
     def _clear_caches(self) -> None:
@@ -96,15 +101,20 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ recording
 
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+    def record(
+        self, noise_multiplier: float, sample_rate: float, steps: int = 1,
+        *, sensitivity: float | None = None,
+    ) -> None:
         """Records ``steps`` DP-SGD steps with noise multiplier σ and sampling rate q.
 
-        Consecutive records with the same σ and q are merged into one entry.
+        Consecutive records with the same σ, q and sensitivity are merged into one entry.
 
         Args:
             noise_multiplier: σ of these steps (0 is allowed and makes ε infinite).
             sample_rate: q of these steps, in (0, 1].
             steps: How many steps, >= 0 (0 records nothing).
+            sensitivity: The clipping threshold / L2 sensitivity ``S`` of these steps, kept
+                in :attr:`entries` as the record of the run (ε does not depend on it).
 
         Raises:
             PrivacyParameterError: If an argument is invalid.
@@ -112,19 +122,21 @@ class PrivacyLedger:
         sigma = check_noise_multiplier(noise_multiplier)
         q = check_sample_rate(sample_rate)
         n = check_steps(steps)
+        s = _check_sensitivity(sensitivity)
         if n == 0:
             return
-        if self._last_key == (sigma, q):
+        if self._last_key == (sigma, q, s):
             self._counts[-1] += n
             self._steps += n
             self._version += 1
             return
         event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-        self._append(event, n, True)
-        self._last_key = (sigma, q)
+        self._append(event, n, True, s)
+        self._last_key = (sigma, q, s)
 
     def record_event(
-        self, event: dp_accounting.DpEvent, count: int = 1, *, is_step: bool = True
+        self, event: dp_accounting.DpEvent, count: int = 1, *, is_step: bool = True,
+        sensitivity: float | None = None,
     ) -> None:
         """Records ``count`` occurrences of an arbitrary dp_accounting event.
 
@@ -140,6 +152,8 @@ class PrivacyLedger:
             is_step: Whether each occurrence is a training step (counted in
                 :attr:`steps`); pass False for one-off releases such as a final
                 noisy evaluation.
+            sensitivity: The L2 sensitivity of the gradient release, for the record
+                (see :meth:`record`).
 
         Raises:
             PrivacyParameterError: If ``event`` is not a DpEvent or ``count`` invalid.
@@ -155,8 +169,9 @@ class PrivacyLedger:
         n = check_steps(count, name="count")
         if not isinstance(is_step, bool):
             raise PrivacyParameterError(f"is_step={is_step!r} must be True or False.")
+        s = _check_sensitivity(sensitivity)
         if n > 0 and self._events and self._is_step[-1] == is_step and self._events[-1] == event:
-            self._append(event, n, is_step)  # already checked when first recorded
+            self._append(event, n, is_step, s)  # already checked when first recorded
             return
         simple = simplify_event(event)
         if not any(
@@ -170,16 +185,21 @@ class PrivacyLedger:
             )
         if n == 0:
             return
-        self._append(event, n, is_step)
+        self._append(event, n, is_step, s)
         self._last_key = None
 
-    def _append(self, event: dp_accounting.DpEvent, count: int, is_step: bool) -> None:
-        if self._events and self._is_step[-1] == is_step and self._events[-1] == event:
+    def _append(
+        self, event: dp_accounting.DpEvent, count: int, is_step: bool,
+        sensitivity: float | None = None,
+    ) -> None:
+        if (self._events and self._is_step[-1] == is_step and self._events[-1] == event
+                and self._sensitivity[-1] == sensitivity):
             self._counts[-1] += count
         else:
             self._events.append(event)
             self._counts.append(count)
             self._is_step.append(is_step)
+            self._sensitivity.append(sensitivity)
         if is_step:
             self._steps += count
         self._version += 1
@@ -195,8 +215,9 @@ class PrivacyLedger:
     def entries(self) -> tuple[LedgerEntry, ...]:
         """The recorded runs, oldest first, as immutable entries."""
         return tuple(
-            LedgerEntry(e, c, s)
-            for e, c, s in zip(self._events, self._counts, self._is_step, strict=True)
+            LedgerEntry(e, c, s, c_)
+            for e, c, s, c_ in zip(self._events, self._counts, self._is_step,
+                                   self._sensitivity, strict=True)
         )
 
     def as_event(self) -> dp_accounting.DpEvent:
@@ -293,14 +314,16 @@ class PrivacyLedger:
 
         Returns:
             ``{"format": ..., "version": 1, "entries": [{"event": {...}, "count": n,
-            "is_step": bool}, ...]}``.
+            "is_step": bool[, "sensitivity": S]}, ...]}``.
         """
         return {
             "format": _STATE_FORMAT,
             "version": _STATE_VERSION,
             "entries": [
                 {"event": event_to_dict(e), "count": int(c), "is_step": bool(s)}
-                for e, c, s in zip(self._events, self._counts, self._is_step, strict=True)
+                | ({} if c_ is None else {"sensitivity": float(c_)})
+                for e, c, s, c_ in zip(self._events, self._counts, self._is_step,
+                                       self._sensitivity, strict=True)
             ],
         }
 
@@ -327,9 +350,12 @@ class PrivacyLedger:
             raise LedgerStateError(f"state['entries'] must be a list. {fix}")
         fresh = PrivacyLedger()
         for i, raw in enumerate(raw_entries):
-            if not isinstance(raw, Mapping) or set(raw) != {"event", "count", "is_step"}:
+            keys = set(raw) if isinstance(raw, Mapping) else set()
+            if not {"event", "count", "is_step"} <= keys <= {"event", "count", "is_step",
+                                                           "sensitivity"}:
                 raise LedgerStateError(
-                    f"state['entries'][{i}] must have exactly the keys event, count, is_step. {fix}"
+                    f"state['entries'][{i}] must have the keys event, count, is_step (and "
+                    f"optionally sensitivity). {fix}"
                 )
             count = raw["count"]
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
@@ -338,8 +364,13 @@ class PrivacyLedger:
                 )
             if not isinstance(raw["is_step"], bool):
                 raise LedgerStateError(f"state['entries'][{i}]['is_step'] must be a bool. {fix}")
-            fresh._append(event_from_dict(raw["event"]), count, raw["is_step"])
+            try:
+                sensitivity = _check_sensitivity(raw.get("sensitivity"))
+            except PrivacyParameterError as e:
+                raise LedgerStateError(f"state['entries'][{i}]: {e} {fix}") from e
+            fresh._append(event_from_dict(raw["event"]), count, raw["is_step"], sensitivity)
         self._events, self._counts, self._is_step = fresh._events, fresh._counts, fresh._is_step
+        self._sensitivity = fresh._sensitivity
         self._steps = fresh._steps
         self._version += 1
         self._last_key = None
@@ -351,3 +382,15 @@ class PrivacyLedger:
         ledger = cls()
         ledger.load_state_dict(state)
         return ledger
+
+
+def _check_sensitivity(value: float | None) -> float | None:
+    """``value`` as a float >= 0 (``inf`` allowed for σ = 0 runs), or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise PrivacyParameterError(
+            f"sensitivity={value!r} must be a number >= 0 (the clipping threshold C of the "
+            "step). Fix: pass engine.max_grad_norm, or None."
+        )
+    return float(value)
