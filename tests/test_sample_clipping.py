@@ -88,3 +88,54 @@ def test_bad_input_is_named():
     with pytest.raises(pg.NonFiniteGradientError, match="sample 2"):
         pg.clipped_batch_gradients(model, loss_fn, x, y, 1.0)
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0  # removed after errors
+
+
+def _aligned(n, weight):
+    """``n`` identical samples (aligned gradients) with loss weights ``weight`` (n,)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, generator=g, dtype=torch.float64).expand(n, 4).clone()
+    y = torch.zeros(n, dtype=torch.long)
+    return model, x, y, weight
+
+
+def _result(model, x, y, w, normalize_by=None):
+    def weighted(out, t):
+        return w * loss_fn(out, t)
+
+    got = pg.clipped_batch_gradients(model, weighted, x, y, max_norm=1.0,
+                                     normalize_by=normalize_by)
+    return torch.cat([v.flatten() for v in got.values()])
+
+
+def test_normalize_by_has_sensitivity_c_over_n_and_the_mean_2c_over_b():
+    """The docstring's table, numerically, with huge aligned gradients (bounds attained)."""
+    B, n = 8, 32.0
+    w = torch.full((B,), 1e3, dtype=torch.float64)
+    model, x, y, _ = _aligned(B + 1, w)
+    full = _result(model, x[:B], y[:B], w, n)
+    removed = _result(model, x[:B - 1], y[:B - 1], w[:B - 1], n)
+    d = float((full - removed).norm())
+    assert d == pytest.approx(1.0 / n, rel=1e-9)  # remove one: C / n, attained
+    w_rep = w.clone()
+    w_rep[0] = -1e3  # replace one by its exact opposite: 2C / n
+    assert float((full - _result(model, x[:B], y[:B], w_rep, n)).norm()) == pytest.approx(
+        2.0 / n, rel=1e-9)
+    mean = _result(model, x[:B], y[:B], w)
+    assert float((mean - _result(model, x[:B], y[:B], w_rep)).norm()) == pytest.approx(
+        2.0 / B, rel=1e-9)  # replace one in the realised mean: 2C / B
+    w_add = torch.cat([w, torch.tensor([-1e3], dtype=torch.float64)])
+    added = _result(model, x, y, w_add)
+    assert float((mean - added).norm()) == pytest.approx(2.0 / (B + 1), rel=1e-9)  # add one
+
+
+def test_normalize_by_on_an_empty_batch_gives_zeros_and_bad_values_are_refused():
+    model, x, y, _ = _aligned(2, None)
+    got = pg.clipped_batch_gradients(model, loss_fn, x[:0], y[:0], max_norm=1.0,
+                                     normalize_by=10)
+    assert all(bool((v == 0).all()) for v in got.values())
+    with pytest.raises(ValueError, match="normalize_by"):
+        pg.clipped_batch_gradients(model, loss_fn, x, y, max_norm=1.0, normalize_by=0)
+    with pytest.raises(ValueError, match="empty batch.*normalize_by"):
+        pg.clipped_batch_gradients(model, loss_fn, x[:0], y[:0], max_norm=1.0)

@@ -8,8 +8,10 @@ unchanged (only forward hooks are added; ``engine.close()`` removes them).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -19,13 +21,15 @@ from privgrad.accounting import PrivacyLedger
 from privgrad.accounting.validation import check_sample_rate
 from privgrad.clipping import (
     Adaptive,
+    Automatic,
     ClipPlan,
     ClipRule,
     Flat,
+    PerLayer,
     adaptive_next,
     record_release,
 )
-from privgrad.errors import GradientStateError
+from privgrad.errors import GradientStateError, PrivgradError
 from privgrad.noise import NoiseSource
 from privgrad.per_sample.batch import (
     check_batch_sizes,
@@ -34,9 +38,9 @@ from privgrad.per_sample.batch import (
     per_sample_grads,
     versions,
 )
-from privgrad.per_sample.capture import Capture
+from privgrad.per_sample.capture import Capture, GradAccumulationGuard
 from privgrad.per_sample.plan import plan_units
-from privgrad.physical import BatchResult, clip_batch, sum_fresh
+from privgrad.physical import BatchResult, clip_batch, self_check_samples, sum_fresh
 from privgrad.trace import KEEP_OPTIONS, KEEPABLE, Segment, StepTrace
 
 MODES = ("auto", "ghost", "materialize", "vmap")
@@ -89,8 +93,15 @@ class DPEngine:
             sampling: ``expected_batch_size / len(dataset)``). Needed for ``epsilon``.
             ``noise_multiplier`` and ``sample_rate`` may be changed between steps; each
             step is recorded in ``engine.ledger`` with the values it used.
-        self_check: Verify on the first step that the per-sample gradients add up to the
-            ordinary batch gradient (costs one extra backward, once).
+        self_check: Verify, on the first step with at least 2 samples in a physical batch,
+            that the per-sample gradients add up to the ordinary batch gradient, that
+            sample 0's is autograd's gradient of ``losses[0]``, and that no loss depends
+            on another sample's model input (``∂losses[i]/∂x[j] = 0`` for ``i != j``,
+            through the model's floating inputs and the outputs of layers fed token ids:
+            catches batch statistics or mixup inside the forward and in-batch losses).
+            Costs five extra vector-Jacobian products, once. Mixing the samples outside
+            the model (in your code before ``model(x)``) cannot be seen and is your
+            responsibility; so is all of it with ``self_check=False``.
 
     Edge cases:
         ==========================  ==================================================
@@ -118,30 +129,23 @@ class DPEngine:
         model = distributed.unwrap(model)
         validate.check(model)
         self.model = model
-        self.noise_multiplier = _check_sigma(noise_multiplier)
-        self.expected_batch_size = _check_ebs(expected_batch_size)
+        self.noise_multiplier = noise_multiplier
+        self.expected_batch_size = expected_batch_size
         if mode not in MODES:
             raise ValueError(f"privgrad: mode={mode!r} is not one of {MODES}.")
         self.mode = mode
-        self.clipping = _clip_rule(max_grad_norm, clipping)
+        self._rule = _clip_rule(max_grad_norm, clipping)
         self.distributed = distributed.is_distributed()
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
         entropy = (lambda: distributed.shared_seed(self._device)) if self.distributed else None
-        if self.distributed and not distributed.all_equal(
-                [seed is None, 0 if seed is None else int(seed)], self._device):
-            raise ValueError(
-                "privgrad: the ranks were given different noise seeds (e.g. seed=base + rank): "
-                "their noise and p.grad would differ and the replicas drift apart. Fix: the "
-                "same seed on every rank, or seed=None (a fresh seed is shared each step)."
-            )
         self.noise = NoiseSource(seed, entropy)
         self._failed = False  # a physical batch of this step raised (distributed agreement)
         self.self_check = self_check
-        self.sample_rate = None if sample_rate is None else check_sample_rate(sample_rate)
+        self.sample_rate = sample_rate
         self.ledger = PrivacyLedger()
         self.steps = 0
         self._unaccounted = 0  # steps taken without a sample_rate
-        self._verified = False  # the first non-empty step is checked against autograd
+        self._verified = False  # the first step with B >= 2 is checked against autograd
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self._params:
             raise ValueError(
@@ -152,12 +156,12 @@ class DPEngine:
             )
         self._names = {id(p): n for n, p in model.named_parameters()}
         self.plan: ClipPlan = self.clipping.bind(list(self._params))
-        if self.noise_multiplier > 0 and math.isinf(self.plan.sensitivity):
-            raise ValueError(
-                "privgrad: max_grad_norm=inf with noise_multiplier > 0 would add infinite "
-                "noise. Fix: a finite max_grad_norm, or noise_multiplier=0 for non-private runs."
-            )
-        self._capture = Capture(plan_units(model, use_rules=mode != "vmap"))
+        _check_finite_noise(self.noise_multiplier, self.plan.sensitivity)
+        if self.distributed:  # seed, σ, q, normaliser, rule and thresholds: equal on all ranks
+            distributed.agree_at_construction(self, seed, self._params, self._device)
+        self._capture = Capture(plan_units(model, use_rules=mode != "vmap"), root=model,
+                                marking=self_check)
+        self._grad_guard = GradAccumulationGuard(self._params, guards.grad_accumulated)
         self._grads = guards.GradLedger()
         self._pending: list[tuple[Segment, BatchResult]] = []  # physical batches of this step
 
@@ -167,9 +171,98 @@ class DPEngine:
         return 0.0 if self.noise_multiplier == 0 else self.noise_multiplier * self.plan.sensitivity
 
     @property
+    def noise_multiplier(self) -> float:
+        """``σ`` of the next step; may be set between steps (each step records its own)."""
+        return self._sigma
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        sigma = _check_sigma(value)
+        plan = getattr(self, "plan", None)  # unset while __init__ runs: checked there
+        if plan is not None:
+            _check_finite_noise(sigma, plan.sensitivity)
+        self._sigma = sigma
+
+    @property
+    def sample_rate(self) -> float | None:
+        """``q`` of the next step (``None``: its privacy cost is unknown, see ``epsilon``)."""
+        return self._sample_rate
+
+    @sample_rate.setter
+    def sample_rate(self, value: float | None) -> None:
+        self._sample_rate = None if value is None else check_sample_rate(value)
+
+    @property
+    def expected_batch_size(self) -> float:
+        """The normaliser of the next step's private gradient (a public constant)."""
+        return self._ebs
+
+    @expected_batch_size.setter
+    def expected_batch_size(self, value: float) -> None:
+        self._ebs = _check_ebs(value)
+
+    @property
     def max_grad_norm(self) -> float:
-        """The current clipping threshold (changes every step under ``Adaptive``)."""
+        """The current clipping threshold ``C`` (the rule's sensitivity ``S`` in general).
+
+        May be set between logical steps (a clipping schedule, or an adaptive algorithm
+        living outside the engine): the next step clips to it, its noise is ``σ·C``, its
+        trace reports it and the ledger records it with the step. Setting it while a
+        logical step is being accumulated is refused (its batches were clipped to the old
+        threshold). Under ``PerLayer`` with several thresholds, set ``engine.clipping``.
+
+        A threshold chosen from private data (say, this batch's median norm) is itself a
+        release of that data and must be accounted like any other: ``Adaptive`` does it
+        with a noisy count that the ledger records; a threshold from a public schedule,
+        or from already-released private gradients, costs nothing more.
+        """
         return self.plan.sensitivity
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        self._rebind(*self._with_threshold(value))
+
+    def _with_threshold(self, value: float) -> tuple[ClipRule, ClipPlan]:
+        """The rule and plan of this engine's clipping with its one threshold set to ``value``."""
+        rule = self.clipping
+        if isinstance(rule, Adaptive):  # the rule keeps its schedule; the plan has C
+            return rule, rule.bind(list(self._params), value)
+        if isinstance(rule, PerLayer) and isinstance(rule.max_norms, Mapping):
+            raise ValueError(
+                "privgrad: this engine clips with PerLayer thresholds per group "
+                f"({sorted(rule.max_norms)}), so one max_grad_norm does not say which to "
+                "change. Fix: engine.clipping = pg.clipping.PerLayer({...new thresholds...})."
+            )
+        field_name = {Flat: "max_norm", Automatic: "max_norm", PerLayer: "max_norms"}
+        rule = dataclasses.replace(rule, **{field_name[type(rule)]: value})
+        return rule, rule.bind(list(self._params))
+
+    @property
+    def clipping(self) -> ClipRule:
+        """The clipping rule; may be replaced between logical steps (see ``max_grad_norm``)."""
+        return self._rule
+
+    @clipping.setter
+    def clipping(self, rule: ClipRule) -> None:
+        if not isinstance(rule, ClipRule):
+            raise TypeError(
+                f"privgrad: clipping={rule!r} is not a privgrad clipping rule. Fix: "
+                "pg.clipping.Flat(1.0), PerLayer({...}), Automatic(1.0) or Adaptive(...)."
+            )
+        self._rebind(rule, rule.bind(list(self._params)))
+
+    def _rebind(self, rule: ClipRule, plan: ClipPlan) -> None:
+        """Installs a new rule and plan between steps, after checking the noise stays finite."""
+        if self._pending or self._failed:
+            raise GradientStateError(
+                f"privgrad: the clipping threshold cannot change in the middle of a logical "
+                f"step: {len(self._pending)} physical batch(es) were already clipped to "
+                f"C = {self.max_grad_norm:.6g} and the noise of this step must match them. "
+                "Fix: change it after engine.step() (or engine.discard()), before the next "
+                "logical step's first accumulate()."
+            )
+        _check_finite_noise(self.noise_multiplier, plan.sensitivity)
+        self._rule, self.plan = rule, plan
 
     def backward(self, losses: torch.Tensor, keep: Iterable[str] | str = ()) -> StepTrace:
         """Computes the private gradient of one step and writes it to ``p.grad``.
@@ -187,7 +280,11 @@ class DPEngine:
         Returns:
             The step's ``StepTrace`` (NOT PRIVATE except ``private_grad``).
         """
-        self.accumulate(losses, keep, retain=True)
+        try:
+            self.accumulate(losses, keep, retain=True)
+        except Exception:
+            self.discard()  # the failed batch was the whole logical step
+            raise
         return self.step()
 
     def accumulate(
@@ -209,16 +306,45 @@ class DPEngine:
 
         Returns:
             The number of samples accumulated so far in this logical step.
+
+        Raises:
+            GradientStateError: If an earlier physical batch of this logical step failed:
+                a logical step with a failed batch is never released. Call ``discard()``
+                (or ``step()``, which then raises) to end it first.
+
+        A physical batch that raises (a non-finite sample, a model check) fails its whole
+        logical step: every batch accumulated in it is discarded at once, nothing is
+        released, the ledger is untouched, and further ``accumulate`` calls are refused
+        until ``discard()`` or ``step()`` ends the step, so that the rest of a broken
+        Poisson batch is never merged into the next step.
         """
+        if self._failed:
+            raise GradientStateError(
+                "privgrad: a physical batch of this logical step already failed, so the step "
+                "was discarded and can no longer be released; accumulating more batches "
+                "would merge the rest of that Poisson batch into the next step. Fix: call "
+                "engine.discard() (or engine.step(), which raises) to end the failed step, "
+                "then accumulate the next logical batch."
+            )
         try:
             return self._accumulate(losses, keep, retain)
-        except Exception:
+        except Exception as e:
+            discarded = len(self._pending) + 1
+            self._pending = []
             self._failed = True  # under torch.distributed every rank then refuses this step
+            if isinstance(e, PrivgradError):
+                raise type(e)(
+                    f"{e} This logical step's {discarded} physical batch(es) accumulated so "
+                    "far, this one included, were discarded and nothing was released. Fix: "
+                    "after engine.accumulate, skip the rest of this logical batch and call "
+                    "engine.discard() before the next one (engine.backward does it itself)."
+                ) from e
             raise
 
     def _accumulate(
         self, losses: torch.Tensor, keep: Iterable[str] | str, retain: bool
     ) -> int:
+        guards.check_forward_writes(self._capture.take_writes())
         keep = _check_keep(keep)
         losses = guards.check_losses(losses)
         trainable = {n: p for n, p in self._params.items() if p.requires_grad}
@@ -230,28 +356,34 @@ class DPEngine:
                 "privgrad: the set of trainable parameters changed between physical batches "
                 "of one logical step. Fix: freeze or unfreeze parameters between steps only."
             )
-        calls = self._capture.take()
+        calls, marked = self._capture.take(), self._capture.take_marked()
         B = losses.shape[0]
         ios = []
         reference = reference_one = None
+        checked = B
+        mixing: list[guards.Mixing] = []
         if B > 0:
             if not losses.requires_grad:
                 raise guards.not_connected(losses)
             if self.self_check and not self._verified:
-                reference = _autograd(losses.sum(), trainable)
+                checked = self_check_samples(calls, trainable, B)  # all, or a few in 16 bits
+                reference = _autograd(losses[:checked].sum(), trainable)
                 reference_one = _autograd(losses[0], trainable) if B > 1 else None
+                mixing = guards.sample_mixing(losses, marked)
             ios = output_grads(losses, calls)
             if not ios:
                 raise guards.not_connected(losses)
             check_batch_sizes(ios, B)
-        result = clip_batch(ios, self._names, trainable, self.plan, B, self.mode, keep, reference)
+        result = clip_batch(ios, self._names, trainable, self.plan, B, self.mode, keep, reference,
+                            checked)
         if reference_one is not None:
             one = per_sample_grads(ios, self._names, B, torch.zeros(1, dtype=torch.long,
                                                                     device=losses.device))
             rtol = 3e-2 if any(io.half for io in ios) else 1e-3
             guards.check_sample(reference_one, {n: one[n] for n in trainable}, 0, rtol)
-        if reference is not None:
+            guards.check_no_mixing(mixing, rtol)
             self._verified = True
+        self._capture.marking = self.self_check and not self._verified
         offset = sum(seg.size for seg, _ in self._pending)
         lazy = retain and len(result.kept) < len(KEEPABLE)
         segment = Segment(offset, B, ios if retain else None, result.kept,
@@ -259,6 +391,26 @@ class DPEngine:
                           versions(ios) if retain else ())
         self._pending.append((segment, result))
         return offset + B
+
+    def discard(self) -> None:
+        """Ends the current logical step without releasing anything.
+
+        Drops the physical batches accumulated since the last step and clears a failed
+        batch's state; no noise is drawn, ``p.grad`` is untouched and nothing is recorded.
+        Under ``torch.distributed`` it is collective: it takes the place of this rank's
+        ``step()`` call, and every rank's ``step()`` for this logical step then refuses
+        to release it.
+
+        A discarded step releases nothing, but the decision to discard may depend on
+        private data (a sample with a non-finite gradient): repair such samples before
+        training rather than skipping the steps they break.
+        """
+        if self.distributed:
+            self._failed = True
+            with contextlib.suppress(GradientStateError):
+                self.step()
+            return
+        self._pending, self._failed = [], False
 
     def step(self) -> StepTrace:
         """Ends the logical step: adds the noise once and writes ``p.grad``.
@@ -281,15 +433,17 @@ class DPEngine:
             self._check_step(pending, trainable)
         except GradientStateError as e:
             problem = e
-        if self.distributed and not distributed.all_equal(
-                [int(failed or problem is not None), self.steps], self._device):
+        if failed:
             problem = problem or GradientStateError(
-                f"privgrad: step {self.steps + 1} failed on another rank (or the ranks are at "
-                "different steps), so no rank takes it: every rank discards this logical "
-                "step's batches and p.grad is not written. Fix: see the other rank's error; "
-                "every rank must call step() once per logical step, also after a failed "
-                "accumulate()."
+                f"privgrad: step {self.steps + 1} is not taken: one of its physical batches "
+                "failed in accumulate() (see that error), so its batches were discarded and "
+                "p.grad is not written; the ledger is unchanged. Fix: repair or drop the "
+                "failing samples; the next accumulate() starts a new logical step."
             )
+        if self.distributed:  # one collective: failures, step counts, privacy settings
+            disagreement = distributed.agree_at_step(
+                self, failed or problem is not None, trainable, self._device)
+            problem = problem or disagreement
         if problem is not None:
             raise problem
         if not pending:
@@ -310,7 +464,7 @@ class DPEngine:
         max_norm, noise_std = self.max_grad_norm, self.noise_std
         self._record_step(norms)  # before p.grad is written: a step is never taken unrecorded
         for n, p in trainable.items():
-            p.grad = private[n].to(p.dtype)
+            p.grad = private[n].to(p.dtype)  # the one rounding of a 16-bit p.grad (float32 sum)
             self._grads.record(n, p.grad)
         return StepTrace(
             norms=norms,
@@ -326,6 +480,7 @@ class DPEngine:
             _clipped_sum=clipped,
             _names=self._names,
             _shapes={n: p.shape for n, p in trainable.items()},
+            _dtypes={n: p.dtype for n, p in trainable.items()},
         )
 
     def _check_step(self, pending: list, trainable: dict[str, nn.Parameter]) -> None:
@@ -342,12 +497,13 @@ class DPEngine:
             self._grads.check(trainable)
 
     def _record_step(self, norms: torch.Tensor) -> None:
-        self.steps += 1
         rule = self.clipping
         if self.sample_rate is None:
             self._unaccounted += 1
         else:
-            record_release(self.ledger, self.noise_multiplier, self.sample_rate, rule)
+            record_release(self.ledger, self.noise_multiplier, self.sample_rate, rule,
+                           self.plan.sensitivity)
+        self.steps += 1
         if isinstance(rule, Adaptive):
             unclipped = float((norms <= self.max_grad_norm).sum())
             if self.distributed:  # the count over every rank's samples, then one release
@@ -389,22 +545,39 @@ class DPEngine:
             "ledger": self.ledger.state_dict(),
             "noise": self.noise.state_dict(),
             "max_grad_norm": self.max_grad_norm,
+            "expected_batch_size": self.expected_batch_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores ``state_dict()``: a restored engine reports the same ε."""
+        """Restores ``state_dict()``: a restored engine reports the same ε.
+
+        Every value is checked before any is restored, so a bad state leaves the engine
+        as it was. The threshold is restored when the rule has one (``Flat``,
+        ``Automatic``, ``Adaptive``, ``PerLayer`` with one float), e.g. after a schedule
+        changed it.
+        """
+        sigma = _check_sigma(state["noise_multiplier"])
+        q = state["sample_rate"]
+        q = None if q is None else check_sample_rate(q)
+        ebs = _check_ebs(state.get("expected_batch_size", self.expected_batch_size))
+        rule, plan = self.clipping, self.plan
+        threshold = state.get("max_grad_norm")
+        if threshold is not None and not (
+                isinstance(rule, PerLayer) and isinstance(rule.max_norms, Mapping)):
+            rule, plan = self._with_threshold(threshold)
+        _check_finite_noise(sigma, plan.sensitivity)
+        ledger = PrivacyLedger.from_state_dict(state["ledger"])
+        self.noise.load_state_dict(state["noise"])
         self.steps = int(state["steps"])
         self._unaccounted = int(state.get("unaccounted", 0))
-        self.noise_multiplier = _check_sigma(state["noise_multiplier"])
-        self.sample_rate = state["sample_rate"]
-        self.ledger.load_state_dict(state["ledger"])
-        self.noise.load_state_dict(state["noise"])
-        if isinstance(self.clipping, Adaptive) and "max_grad_norm" in state:
-            self.plan = self.clipping.bind(list(self._params), state["max_grad_norm"])
+        self._sigma, self._sample_rate, self._ebs = sigma, q, ebs
+        self._rule, self.plan = rule, plan
+        self.ledger.load_state_dict(ledger.state_dict())
 
     def close(self) -> None:
         """Removes privgrad's hooks from the model."""
         self._capture.close()
+        self._grad_guard.close()
 
     def __enter__(self) -> DPEngine:
         return self
@@ -436,6 +609,14 @@ def _check_ebs(ebs: float | None) -> float:
             "Poisson sampling). Fix: DPEngine(model, ..., expected_batch_size=256)."
         )
     return float(ebs)
+
+
+def _check_finite_noise(sigma: float, sensitivity: float) -> None:
+    if sigma > 0 and math.isinf(sensitivity):
+        raise ValueError(
+            "privgrad: max_grad_norm=inf with noise_multiplier > 0 would add infinite "
+            "noise. Fix: a finite max_grad_norm, or noise_multiplier=0 for non-private runs."
+        )
 
 
 def _clip_rule(max_grad_norm: float | None, clipping: ClipRule | None) -> ClipRule:
