@@ -189,9 +189,9 @@ class DPFedAvg:
         return RoundResult(update, clipped_sum, noise, norms, factors, C, std, len(updates))
 
     def _record(self, norms: torch.Tensor) -> None:
-        self.rounds += 1
         rule = self.adaptive
-        record_release(self.ledger, self.noise_multiplier, self.sample_rate, rule)
+        record_release(self.ledger, self.noise_multiplier, self.sample_rate, rule, self.max_norm)
+        self.rounds += 1
         if rule is None:
             return
         unclipped = float((norms <= self.max_norm).sum())
