@@ -10,6 +10,7 @@ and the report. Everything written except the model is NOT private.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,12 +55,24 @@ class StepStats:
     clipped: torch.Tensor
 
 
-def train(c: Config, out: Path, state: dict[str, Any] | None) -> int:
-    """Trains with the settings ``c``; resumes from ``state`` if given.
+def train(c: Config, out: Path, state: dict[str, Any] | None,
+          schedule: checkpoint.Schedule | None = None) -> int:
+    """Trains with the settings ``c``; resumes from ``state`` (``checkpoint.load``) if given.
+
+    A resumed run continues exactly where its checkpoint was taken, mid-epoch included:
+    same batches, noise, ledger, metric lines and final model as a run never interrupted.
+
+    Args:
+        c: The run's settings.
+        out: The ``--out`` directory (``checkpoint.claim`` already checked it).
+        state: A checkpoint's state, or ``None`` for a new run.
+        schedule: When to checkpoint and stop early; default every 60 s and every epoch.
 
     Returns:
-        The exit status: 0, or 130 when stopped by Ctrl-C after writing a checkpoint.
+        The exit status: 0, or 130 when stopped (Ctrl-C, SIGTERM, ``--stop-after-steps``)
+        after writing a checkpoint.
     """
+    schedule = schedule or checkpoint.Schedule()
     rank, world = distributed.world()
     lead = rank == 0
     if world != c.nproc:
@@ -90,31 +103,37 @@ def train(c: Config, out: Path, state: dict[str, Any] | None) -> int:
         engine.load_state_dict(state["engine"])
         loader.load_state_dict(state["sampler"][rank])
         history = state["history"]
-    metrics_path = out / "metrics.jsonl"
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
-        _truncate(metrics_path, engine.steps)
+    if schedule.stop_after_steps is not None and schedule.stop_after_steps <= engine.steps:
+        raise ValueError(f"--stop-after-steps {schedule.stop_after_steps} is not after the "
+                         f"checkpointed step {engine.steps}. Fix: a larger value, or drop it.")
+    log = _open_record(out, c, state, engine.steps, total, len(loader)) if lead else (
+        checkpoint.MetricsLog(None, None))
+    start = time.monotonic() - history["seconds"][0]
 
     def save() -> None:
         samplers = _gather(loader.state_dict())
+        history["seconds"] = [time.monotonic() - start]
         if lead:
-            checkpoint.save(out / "checkpoint.pt", {
-                "config": asdict(c), "model": model.state_dict(),
+            checkpoint.save(out / checkpoint.CHECKPOINT, {
+                "run": log.mark(), "config": asdict(c), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "engine": engine.state_dict(),
                 "sampler": samplers, "history": history})
+        schedule.saved()
 
     progress = Progress(total, enabled=lead)
-    start = time.monotonic() - history["seconds"][0]
     histogram_steps = {max(1, round(f * total)) for f in HISTOGRAM_AT}
-    with StopFlag() as stop, (metrics_path.open("a") if lead else _Null()) as metrics:
-        while engine.steps < total:
-            epoch, stopping = engine.steps // len(loader), False
-            for batch in loader:
+    stopping = False
+    with StopFlag(schedule.stop_after_steps) as stop, log:
+        if state is None:
+            save()  # from here on a kill loses only the steps since the last checkpoint
+        while engine.steps < total and not stopping:
+            for batch in loader:  # a resumed loader continues mid-epoch
+                epoch = engine.steps // len(loader)
                 trace, loss_sum, correct = logical_step(model, engine, optimizer, batch)
-                stats, stopping = _merged(_stats(trace, loss_sum, correct), stop.requested)
+                stats, stopping, due = _merged(_stats(trace, loss_sum, correct),
+                                               stop.due(engine.steps), schedule.due(engine.steps))
                 row = _row(stats, engine, c, epoch, trace.max_grad_norm)
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                log.write(row)
                 if engine.steps in histogram_steps:
                     history["histograms"].append({
                         "step": engine.steps, "pre": stats.pre.tolist(),
@@ -124,28 +143,48 @@ def train(c: Config, out: Path, state: dict[str, Any] | None) -> int:
                 progress.update(engine.steps, f"epoch {epoch + 1}/{c.epochs} loss "
                                 f"{row['loss'] or 0:.3f} acc {acc:.2f} "
                                 f"ε {row['epsilon']:.2f}/{c.epsilon:g}")
+                ended = engine.steps % len(loader) == 0
+                if ended:  # recorded before the checkpoint that follows, never twice
+                    history["epochs"].append(_epoch_record(model, data, engine, c, epoch))
+                if stopping or ended or due:
+                    save()
+                if ended:
+                    last = history["epochs"][-1]
+                    progress.update(engine.steps, f"epoch {epoch + 1}/{c.epochs} test acc "
+                                    f"{last['test_accuracy']:.3f} ε {last['epsilon']:.2f}",
+                                    force=True)
                 if stopping:
                     break
-            if engine.steps % len(loader) == 0:  # the epoch ran to its end
-                history["epochs"].append(_epoch_record(model, data, engine, c, epoch))
-            history["seconds"] = [time.monotonic() - start]
-            save()
-            if stopping:
-                progress.close()
-                if lead:
-                    print(f"privgrad train: interrupted after step {engine.steps}/{total}; "
-                          f"checkpoint written. Continue with: privgrad train --resume {out}")
-                return 130
-            last = history["epochs"][-1]
-            progress.update(engine.steps, f"epoch {epoch + 1}/{c.epochs} test acc "
-                            f"{last['test_accuracy']:.3f} ε {last['epsilon']:.2f}", force=True)
     progress.close()
+    if stopping:
+        if lead:
+            print(f"privgrad train: interrupted after step {engine.steps}/{total}; "
+                  f"checkpoint written. Continue with: privgrad train --resume {out}")
+        return 130
     if lead:
         facts = {"sample_rate": loader.sample_rate, "noise_multiplier": sigma,
                  "effective_noise_multiplier": sigma_eff, "steps": total, "processes": world,
                  "parameters": sum(p.numel() for p in model.parameters())}
-        _finish(c, out, data, history, facts, engine)
+        _finish(c, out, data, history, facts, engine, log)
     return 0
+
+
+def _open_record(out: Path, c: Config, state: dict[str, Any] | None, steps: int, total: int,
+                 per_epoch: int) -> checkpoint.MetricsLog:
+    """The metrics log of a new run (``run.json`` written), or of a resumed one (told)."""
+    if state is None:
+        return checkpoint.MetricsLog(out / checkpoint.METRICS, checkpoint.begin(out, asdict(c)))
+    run = state["run"]
+    prefix, undone = checkpoint.reopen(out, run, steps)
+    epoch, within = divmod(steps, per_epoch)
+    where = (f"the end of epoch {epoch}" if within == 0 and steps else
+             f"after {within} of the {per_epoch} steps of epoch {epoch + 1}")
+    lost = "" if not undone else (
+        f"; {undone} metric line(s) written after it by steps that a kill undid were moved "
+        f"to {out / checkpoint.ROLLED_BACK.format(step=steps)} and those steps run again")
+    print(f"privgrad train: resuming run {run['identity']['run_id']} from its checkpoint at "
+          f"step {steps}/{total} ({where}){lost}.", file=sys.stderr)
+    return checkpoint.MetricsLog(out / checkpoint.METRICS, run["identity"], prefix)
 
 
 def logical_step(model: nn.Module, engine: DPEngine, optimizer: torch.optim.Optimizer,
@@ -180,17 +219,21 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def _merged(stats: StepStats, stop: bool) -> tuple[StepStats, bool]:
-    """The statistics over every rank's samples, and whether any rank was asked to stop."""
-    parts = _gather((stats, stop))
+def _merged(stats: StepStats, stop: bool, due: bool) -> tuple[StepStats, bool, bool]:
+    """The statistics over every rank's samples; whether any rank stops, or saves.
+
+    Every rank takes the same decisions (a checkpoint gathers every rank's sampler), even
+    when one is due by its own clock.
+    """
+    parts = _gather((stats, stop, due))
     if len(parts) == 1:
-        return stats, stop
+        return stats, stop, due
     s = [p[0] for p in parts]
     cat = torch.cat
     merged = StepStats(sum(x.loss_sum for x in s), sum(x.correct for x in s),
                        cat([x.pre for x in s]), cat([x.post for x in s]),
                        cat([x.clipped for x in s]))
-    return merged, any(p[1] for p in parts)
+    return merged, any(p[1] for p in parts), any(p[2] for p in parts)
 
 
 def _epoch_record(model: nn.Module, data: datasets.Split, engine: DPEngine, c: Config,
@@ -232,7 +275,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _finish(c: Config, out: Path, data: datasets.Split, history: dict, facts: dict,
-            engine: DPEngine) -> None:
+            engine: DPEngine, log: checkpoint.MetricsLog) -> None:
     """Writes ``summary.json`` and ``report.html`` and prints the result line."""
     last = history["epochs"][-1]
     summary = {
@@ -247,33 +290,8 @@ def _finish(c: Config, out: Path, data: datasets.Split, history: dict, facts: di
         "not_private": "everything here except the model is computed from individual samples",
     }
     checkpoint.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    write_report(out / "report.html", metrics=rows, histograms=history["histograms"],
+    write_report(out / "report.html", metrics=log.rows(), histograms=history["histograms"],
                  epochs=history["epochs"], summary=summary)
     print(f"test accuracy {summary['test_accuracy']:.4f} at ε = {summary['epsilon']:.3f}, "
           f"δ = {c.delta:g} ({summary['steps']} steps, σ = {summary['noise_multiplier']:.3f}, "
           f"{summary['processes']} process(es)); report: {out / 'report.html'}")
-
-
-def _truncate(path: Path, steps: int) -> None:
-    """Drops metric lines after the checkpointed step (a resumed run rewrites them)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= steps]
-    path.write_text("".join(ln + "\n" for ln in lines))
-
-
-class _Null:
-    """A metrics file for ranks that write nothing."""
-
-    def __enter__(self) -> _Null:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def write(self, text: str) -> None:
-        """Discards ``text``."""
-
-    def flush(self) -> None:
-        """Does nothing."""

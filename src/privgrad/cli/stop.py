@@ -1,4 +1,4 @@
-"""Ctrl-C (SIGINT) or SIGTERM as a request to stop after the current step and checkpoint."""
+"""Ctrl-C (SIGINT), SIGTERM or a step limit as a request to stop after a step and checkpoint."""
 
 from __future__ import annotations
 
@@ -18,11 +18,20 @@ class StopFlag:
     launcher, which forwards it again, so repeats are ignored there (the launcher kills
     the workers itself if they do not finish within its shutdown timeout). Outside the
     main thread no handler can be installed and the flag stays ``False``.
+
+    Args:
+        after_steps: Also stop once the run has taken this many steps in all
+            (``--stop-after-steps``: a job of bounded length, or a test of ``--resume``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, after_steps: int | None = None) -> None:
         self.requested = False
+        self.after_steps = after_steps
         self._previous: dict[int, Any] = {}
+
+    def due(self, steps: int) -> bool:
+        """Whether to stop after step ``steps``: a signal came, or the step limit is reached."""
+        return self.requested or (self.after_steps is not None and steps >= self.after_steps)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and "TORCHELASTIC_RUN_ID" not in os.environ:
