@@ -83,3 +83,25 @@ def test_write_report_empty(tmp_path):
     write_report(out, metrics=[], histograms=[], epochs=[], summary={})
     text = out.read_text(encoding="utf-8")
     assert len(re.findall(r"data:image/png;base64,", text)) >= 4
+
+
+def test_the_privacy_statement_heads_the_report_and_numbers_keep_their_magnitude(tmp_path):
+    from privgrad.accounting import PrivacyLedger
+    from privgrad.clipping import Flat
+    from privgrad.statement import build_statement
+
+    ledger = PrivacyLedger()
+    ledger.record(1.1, 0.01, 50, sensitivity=1e300)
+    statement = build_statement(ledger, clipping=Flat(1e300), sensitivity=1e300,
+                                expected_batch_size=64.0, public=("K = 10 <classes>",))
+    metrics, histograms, epochs, summary = _inputs()
+    summary = {**summary, "max_grad_norm": 1e300, "privacy_statement": statement.to_dict()}
+    out = tmp_path / "report.html"
+    write_report(out, metrics=metrics, histograms=histograms, epochs=epochs, summary=summary)
+    text = out.read_text(encoding="utf-8")
+    assert text.index('<section class="statement">') < text.index('class="warning"')
+    assert f"ε = {statement.epsilon(1e-5):.6g} at δ = 1e-05" in text
+    assert "<td>1e+300</td>" in text  # the statement's S and the summary's max_grad_norm
+    assert "<tr><th>max_grad_norm</th><td>1e+300</td></tr>" in text
+    assert "1,000,000" not in text and "{&#x27;mechanism" not in text  # no dict dump
+    assert "K = 10 &lt;classes&gt;" in text

@@ -133,7 +133,7 @@ def test_user_data_files(tmp_path: Path) -> None:
     y = rng.integers(0, 3, 300)
     X = rng.normal(size=(300, 5)) + y[:, None]  # separable enough
     np.savez(tmp_path / "d.npz", X=X, y=y)
-    learn = ["--batch-size", "100", "--epochs", "8", "--lr", "0.5"]
+    learn = ["--batch-size", "100", "--epochs", "8", "--lr", "0.5", "--num-classes", "3"]
     _, s = _run(tmp_path, "--data", str(tmp_path / "d.npz"), *learn, name="npz")
     assert s["model"] == "mlp" and s["train_samples"] == 240 and s["test_accuracy"] > 0.5
     table = np.column_stack([X[:, :2], y, X[:, 2:]])
@@ -146,10 +146,10 @@ def test_user_data_files(tmp_path: Path) -> None:
     (["--epsilon", "0"], "--epsilon must be > 0"),
     (["--epsilon", "-1"], "--epsilon must be > 0"),
     (["--delta", "1"], "--delta must be in"),
-    (["--data", "missing.npz"], "no such file"),
-    (["--data", "{nolabel}"], "no label column"),
-    (["--data", "{noy}"], "needs arrays 'X'"),
-    (["--model", "cnn", "--data", "{flat}"], "needs image inputs"),
+    (["--data", "missing.npz", "--num-classes", "2"], "no such file"),
+    (["--data", "{nolabel}", "--num-classes", "2"], "no label column"),
+    (["--data", "{noy}", "--num-classes", "2"], "needs arrays 'X'"),
+    (["--model", "cnn", "--data", "{flat}", "--num-classes", "2"], "needs image inputs"),
     (["--batch-size", "5000"], "exceeds the 1437 training samples"),
 ])
 def test_bad_options_are_explained(tmp_path: Path, capsys, args, match) -> None:
@@ -230,3 +230,82 @@ def test_ctrl_c_on_two_processes_checkpoints_and_resumes(tmp_path: Path) -> None
     assert a["engine"]["ledger"] == b["engine"]["ledger"]
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["epsilon"] == summary["epsilon"] and resumed["steps"] == 60
+
+
+def _write_csv(path: Path, header: str, rows: np.ndarray, bom: bool = False) -> None:
+    lines = [",".join(f'"{v:g}"' if j % 2 else f"{v:g}" for j, v in enumerate(r)) for r in rows]
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + "\n".join([header, *lines, ""]).encode())
+
+
+def test_num_classes_is_public_and_the_statement_says_what_else_is(tmp_path: Path) -> None:
+    """The output layer has --num-classes outputs whatever labels the file holds."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 60)  # classes 0..2 present, K = 5 declared
+    X = rng.normal(size=(60, 4)) + y[:, None]
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    small = ["--batch-size", "30", "--epochs", "1", "--num-classes", "5"]
+    out, s = _run(tmp_path, "--data", str(tmp_path / "d.npz"), *small, name="npz")
+    head = checkpoint.load(out / "checkpoint.pt")["model"]["3.weight"]
+    assert head.shape == (5, 64)
+    # one more record with a label no other record has: same released shape
+    table = np.column_stack([np.r_[y, 4], np.r_[X, rng.normal(size=(1, 4))]])
+    _write_csv(tmp_path / "d.csv", '"label","a","b","c","d"', table, bom=True)
+    out2, _ = _run(tmp_path, "--data", str(tmp_path / "d.csv"), *small, name="csv")
+    assert checkpoint.load(out2 / "checkpoint.pt")["model"]["3.weight"].shape == (5, 64)
+    statement = s["privacy_statement"]
+    eps = {e["delta"]: e["epsilon"] for e in statement["epsilon"]}
+    assert list(eps) == [1e-5, 1e-6, 1e-7] and eps[1e-5] == s["epsilon"]
+    q, sigma, steps = s["sample_rate"], s["noise_multiplier"], s["steps"]
+    assert q == 30 / 48 and statement["sample_rate"] == {"min": q, "max": q}
+    assert statement["noise_multiplier"] == {"min": sigma, "max": sigma}
+    assert statement["sensitivity"] == {"min": 1.0, "max": 1.0} and statement["steps"] == steps
+    assert eps[1e-6] == pytest.approx(pg.accounting.epsilon(sigma, q, steps, delta=1e-6))
+    public = " | ".join(statement["public"])
+    for fact in ("dataset size N = 48", "K = 5", "split seed 0", "input shape (4,)",
+                 "test accuracy measured on the held-out ones is NOT private"):
+        assert fact in public, fact
+    html = (out / "report.html").read_text()
+    assert html.index("Privacy statement") < html.index("NOT covered by the differential")
+    assert f"ε = {eps[1e-6]:.6g} at δ = 1e-06" in html
+
+
+def test_the_split_is_seeded() -> None:
+    from privgrad.cli import datasets
+
+    a, b, c = datasets.load(None, 3), datasets.load(None, 3), datasets.load(None, 4)
+    assert torch.equal(a.y_test, b.y_test) and torch.equal(a.x_train, b.x_train)
+    assert not torch.equal(a.y_test, c.y_test)
+    assert a.num_classes == 10 and a.stratified and (a.seed, c.seed) == (3, 4)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--out", "{file}"], "--out {file} is a file, not a directory. Fix: --out DIR"),
+    (["--data", "{x1d}", "--num-classes", "2"], "X has shape (20,)"),
+    (["--data", "{x1d}"], "needs --num-classes K"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf. Fix:"),
+    (["--data", "{badlabel}", "--num-classes", "2"],
+     "row 3 (X[3], y[3]) has label 2, not a class index in 0..1"),
+    (["--data", "{halflabel}", "--num-classes", "2"], "line 4 has label 1.5"),
+    (["--data", "{badheader}", "--num-classes", "2"], "line 1, the header, is malformed"),
+    (["--max-grad-norm", "1e300"],  # stated as itself: never inf, never 300 digits
+     ("--max-grad-norm 1e+300 with σ = ", "e+300 does not fit in float32")),
+    (["--lr", "1e30", "--epochs", "1", "--mode", "ghost"],  # was blamed on "sample 0"
+     ("training diverged", "Fix: a smaller --lr, e.g. --lr 0.06")),
+])
+def test_cli_errors_are_one_line_with_the_fix(tmp_path: Path, capsys, args, match) -> None:
+    files = {"file": tmp_path / "a-file", "x1d": tmp_path / "x1d.npz",
+             "badlabel": tmp_path / "bad.npz", "halflabel": tmp_path / "half.csv",
+             "badheader": tmp_path / "header.csv"}
+    files["file"].write_text("not a directory")
+    np.savez(files["x1d"], X=np.arange(20.0), y=np.arange(20) % 2)
+    np.savez(files["badlabel"], X=np.zeros((20, 2)), y=np.r_[0, 1, 0, 2, np.arange(16) % 2])
+    rows = "".join(f"{i % 2},{i}\n" for i in range(20))
+    files["halflabel"].write_text("label,a\n0,1\n1,2\n1.5,3\n" + rows)
+    files["badheader"].write_text('"label,a\n' + rows)
+    args = [a.format(**files) for a in args]
+    out = ["--out", str(tmp_path / "o")] if "--out" not in args else []
+    assert main(["train", *FAST, *args, *out]) == 2
+    err = capsys.readouterr().err
+    for part in (match,) if isinstance(match, str) else match:
+        assert part.format(**files) in err
+    assert err.count("\n") == 1 and "Traceback" not in err

@@ -31,3 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, PrivgradError) as e:
         print(f"privgrad {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system refused (permissions, disk full): no traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"privgrad {args.command}: error: {e.strerror or e}{where}. Fix: a path this "
+              "user can read and write, on a disk with free space.", file=sys.stderr)
+        return 2

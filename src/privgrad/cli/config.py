@@ -6,8 +6,16 @@ import math
 from dataclasses import dataclass
 
 from privgrad import clipping
+from privgrad.cli.datasets import NUM_CLASSES_WHY
+from privgrad.errors import PrivgradError
 
 CLIPPING = ("flat", "per-layer", "automatic", "adaptive")
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: p.grad's dtype in privgrad train
+NOISE_HEADROOM = 1024.0  # Gaussian draws reach ~6 std; sums and the update need room too
+
+
+class OptionError(PrivgradError, ValueError):
+    """An option of ``privgrad train`` is invalid (the message names it and the fix)."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,7 @@ class Config:
     mode: str = "auto"
     model: str | None = None
     data: str | None = None
+    num_classes: int | None = None
     seed: int | None = None
     nproc: int = 1
     split_seed: int = 0
@@ -35,7 +44,7 @@ def check(c: Config) -> Config:
     """Returns ``c`` if every setting is valid.
 
     Raises:
-        ValueError: Naming the first bad option, its value and the valid range.
+        OptionError: Naming the first bad option, its value and the valid range.
     """
     rules = [
         (c.epsilon > 0 and math.isfinite(c.epsilon), f"--epsilon must be > 0, got {c.epsilon}"),
@@ -46,13 +55,18 @@ def check(c: Config) -> Config:
          f"--max-physical-batch-size must be >= 1, got {c.max_physical_batch_size}"),
         (c.max_grad_norm > 0 and math.isfinite(c.max_grad_norm),
          f"--max-grad-norm must be a finite C > 0, got {c.max_grad_norm}"),
-        (c.lr > 0, f"--lr must be > 0, got {c.lr}"),
+        (c.lr > 0 and math.isfinite(c.lr), f"--lr must be a finite number > 0, got {c.lr}. "
+         "Fix: e.g. --lr 0.06"),
         (0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum}"),
         (c.nproc >= 1, f"--nproc must be >= 1, got {c.nproc}"),
+        (c.num_classes is None or c.num_classes >= 2,
+         f"--num-classes must be >= 2, got {c.num_classes}"),
+        (c.data is None or c.num_classes is not None,
+         f"--data {c.data} needs --num-classes K. {NUM_CLASSES_WHY}"),
     ]
     for ok, message in rules:
         if not ok:
-            raise ValueError(message + ".")
+            raise OptionError(message.rstrip(".") + ".")
     return c
 
 
@@ -69,8 +83,22 @@ def rule_and_sigma(
     Returns:
         ``(rule, σ)``: for ``adaptive``, ``σ`` is larger than ``sigma_eff`` so that the
         gradient and the count together are one release with ``sigma_eff``.
+
+    Raises:
+        OptionError: If the noise ``σ·C`` would not fit in float32 (``p.grad`` inf), or
+            the adaptive count needs more than the whole budget.
     """
     C = c.max_grad_norm
+    # the noise is drawn and p.grad written in float32: a std near its range gives inf
+    # draws, then a NaN model that would be released without a word
+    if sigma_eff * C * NOISE_HEADROOM > FLOAT32_MAX:
+        raise OptionError(
+            f"--max-grad-norm {C:.6g} with σ = {sigma_eff:.6g}: the noise std σ·C = "
+            f"{sigma_eff * C:.6g} does not fit in float32 (largest {FLOAT32_MAX:.6g}, with "
+            f"headroom {NOISE_HEADROOM}), so p.grad would be inf and the released model NaN. "
+            "C bounds each example's gradient norm; far above the typical norm it only adds "
+            "noise. Fix: --max-grad-norm 1 (about the median per-example norm)."
+        )
     if c.clipping == "per-layer":
         return clipping.PerLayer(C / math.sqrt(len(params))), sigma_eff
     if c.clipping == "automatic":
@@ -79,7 +107,7 @@ def rule_and_sigma(
         rule = clipping.Adaptive(initial_max_norm=C)
         sigma_b = rule.count_noise_multiplier
         if sigma_eff >= sigma_b:
-            raise ValueError(
+            raise OptionError(
                 f"the budget needs an effective noise multiplier {sigma_eff:.3g}, not below the "
                 f"adaptive count's {sigma_b}. Fix: a larger --epsilon or fewer --epochs, or "
                 "--clipping flat."

@@ -2,7 +2,8 @@
 
 The report is a single HTML file with every figure rendered by matplotlib (Agg backend,
 no pyplot global state) and embedded as a base64 PNG data URI, so it opens offline.
-Nothing in it except the final model is covered by the differential-privacy guarantee.
+Nothing in it except the final model is covered by the differential-privacy guarantee;
+its top is the run's privacy statement (``privgrad.statement``), saying what is.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from privgrad.cli.checkpoint import atomic_write
+from privgrad.statement import render_html
 
 _QUANTILES = ("q05", "q25", "q50", "q75", "q95")
 _WARNING = (
@@ -34,6 +36,7 @@ _CSS = (
     "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
     ".warning{background:#fff3cd;border:2px solid #d39e00;padding:1em;font-weight:bold}"
     ".note{color:#666;font-style:italic}img{max-width:100%}"
+    ".statement{border:2px solid #2a7a4a;padding:0 1em 1em;margin-bottom:1em}"
 )
 
 
@@ -113,7 +116,7 @@ def _hist_panel(ax: Axes, values: Sequence[float], clip: float, bins: Sequence[f
         vals = [min(max(v, bins[0]), bins[-1]) for v in vals]
         ax.set_xscale("log")
     ax.hist(vals, bins=list(bins), color="tab:blue", alpha=0.8)
-    ax.axvline(clip, color="tab:red", linestyle="--", label=f"C = {clip:.3g}")
+    ax.axvline(clip, color="tab:red", linestyle="--", label=f"C = {clip:.6g}")
     ax.legend(fontsize=8)
     ax.set_xlabel("per-sample gradient norm", fontsize=8)
 
@@ -189,11 +192,8 @@ def _accuracy_figure(epochs: Sequence[Mapping[str, Any]]) -> Figure:
 
 def _fmt(value: Any) -> str:
     """Formats a summary value for display, escaped for HTML."""
-    if isinstance(value, float):
-        text = f"{value:,.1f}" if abs(value) >= 1e4 else f"{value:.4g}"
-    else:
-        text = str(value)
-    return html.escape(text)
+    # floats to 6 significant digits: 1e300 stays 1e+300 (never inf, never 300 digits)
+    return html.escape(f"{value:.6g}" if isinstance(value, float) else str(value))
 
 
 def _summary_table(summary: Mapping[str, Any]) -> str:
@@ -206,9 +206,13 @@ def _summary_table(summary: Mapping[str, Any]) -> str:
 
 def _body(metrics: Sequence[Mapping[str, Any]], histograms: Sequence[Mapping[str, Any]],
           epochs: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
-    """Assembles the HTML body with the summary, the warning and every figure."""
-    parts = [f'<p class="warning">{html.escape(_WARNING)}</p>', "<h2>Summary</h2>",
-             _summary_table(summary), "<h2>Per-sample gradient norms</h2>"]
+    """Assembles the HTML body: the privacy statement, the warning, the summary, the figures."""
+    statement = summary.get("privacy_statement")
+    facts = {k: v for k, v in summary.items() if k != "privacy_statement"}
+    parts = [render_html(statement)] if statement is not None else [
+        '<p class="note">This run has no privacy statement.</p>']
+    parts += [f'<p class="warning">{html.escape(_WARNING)}</p>', "<h2>Summary</h2>",
+              _summary_table(facts), "<h2>Per-sample gradient norms</h2>"]
     if histograms:
         parts.append(_to_img(_histograms_figure(histograms), "gradient norm histograms"))
     else:
@@ -246,7 +250,8 @@ def write_report(
             batch_size, max_grad_norm, norms_pre, norms_post).
         histograms: Snapshots with ``step``, ``pre``, ``post`` and ``max_grad_norm``.
         epochs: One mapping per epoch (epoch, train_accuracy, test_accuracy, epsilon).
-        summary: Flat mapping of run facts shown in a table.
+        summary: Flat mapping of run facts shown in a table; its ``privacy_statement``
+            (``PrivacyStatement.to_dict()``) is shown first, at the top of the report.
     """
     title = "privgrad training report"
     doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'

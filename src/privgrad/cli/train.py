@@ -20,9 +20,10 @@ from typing import Any
 import torch.distributed as dist
 
 from privgrad.cli import checkpoint, models
-from privgrad.cli.config import CLIPPING, Config, check
+from privgrad.cli.config import CLIPPING, Config, OptionError, check
 from privgrad.cli.loop import train
 from privgrad.engine import MODES
+from privgrad.errors import NonFiniteGradientError
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -47,12 +48,21 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     opt("--model", choices=models.MODELS, help="default: cnn for images, else mlp")
     opt("--data", metavar="FILE", help=".npz with X and y, or .csv with a 'label' column "
         "(default: scikit-learn digits)")
+    opt("--num-classes", type=int, metavar="K", help="number of classes, labels 0..K-1 "
+        "(required with --data: public, never read from the labels; digits: 10)")
     opt("--seed", type=int, help="reproducible run (NOT secure); default: OS entropy")
     opt("--nproc", type=int, help="local processes (torch.distributed, gloo; default 1)")
     opt("--out", metavar="DIR", help="output directory (default privgrad-run)")
     opt("--resume", metavar="DIR", help="continue the interrupted run in DIR")
     opt("--overwrite", action="store_true",
-        help="start afresh in an --out DIR that holds an earlier run's checkpoint")
+        help="start afresh in an --out DIR that holds an earlier run's record; that record "
+        "is moved to DIR/previous-runs/ (nothing is deleted)")
+    opt("--checkpoint-every-steps", type=int, metavar="N",
+        help="also checkpoint every N steps (default: by time and at every epoch's end)")
+    opt("--checkpoint-every-seconds", type=float, default=60.0, metavar="T",
+        help="also checkpoint T seconds after the last checkpoint (default 60; inf: never)")
+    opt("--stop-after-steps", type=int, metavar="N",
+        help="stop as Ctrl-C does (checkpoint, exit 130) once the run has taken N steps")
     p.set_defaults(run=run)
 
 
@@ -72,26 +82,28 @@ def run(args: argparse.Namespace) -> int:
     else:
         out, state = Path(args.out or "privgrad-run"), None
         config = check(replace(Config(), **given))
-    # a fresh run, or a resumed one written elsewhere, must not replace another run's ledger
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out} is a file, not a directory. Fix: --out DIR, a new or "
+                          "existing directory for the run's record.")
+    schedule = checkpoint.Schedule(args.checkpoint_every_steps, args.checkpoint_every_seconds,
+                                   args.stop_after_steps)
+    # a fresh run, or a resumed one written elsewhere, must not replace another run's record
     elsewhere = args.resume is None or out.resolve() != Path(args.resume).resolve()
-    if elsewhere and (out / "checkpoint.pt").exists() and not args.overwrite:
-        raise ValueError(
-            f"{out} already holds a run (checkpoint.pt with its privacy ledger). Fix: "
-            f"--resume {out} to continue it, another --out, or --overwrite to discard it "
-            "(the privacy its steps spent on your data is spent all the same)."
-        )
+    if elsewhere:
+        checkpoint.claim(out, overwrite=args.overwrite)
     if config.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(config.nproc, args)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo")
         try:
-            return _start(config, out, state)
+            return _start(config, out, state, schedule)
         finally:
             dist.destroy_process_group()
-    return _start(config, out, state)
+    return _start(config, out, state, schedule)
 
 
-def _start(config: Config, out: Path, state: dict[str, Any] | None) -> int:
+def _start(config: Config, out: Path, state: dict[str, Any] | None,
+           schedule: checkpoint.Schedule) -> int:
     """Trains; a fresh run first fixes its split seed (``--seed``, or random on rank 0)."""
     if state is None:
         seed = config.seed
@@ -101,7 +113,18 @@ def _start(config: Config, out: Path, state: dict[str, Any] | None) -> int:
                 dist.broadcast_object_list(box, src=0)
             seed = box[0]
         config = replace(config, split_seed=seed)
-    return train(config, out, state)
+    try:
+        return train(config, out, state, schedule)
+    except NonFiniteGradientError as e:
+        # every input was checked finite when loaded: the model overflowed, not a sample
+        raise OptionError(
+            "training diverged: a gradient became NaN or infinite although every input was "
+            "checked finite when loaded, so the model itself overflowed (its parameters grew "
+            f"too large under --lr {config.lr:.6g}, momentum {config.momentum:.6g}, or the "
+            "inputs are very large). Fix: a smaller --lr, e.g. --lr "
+            f"{min(config.lr / 10, Config().lr):.6g}, and inputs scaled to about [-1, 1] with "
+            "public constants."
+        ) from e
 
 
 def _launch(nproc: int, args: argparse.Namespace) -> int:
