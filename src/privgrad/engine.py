@@ -39,8 +39,10 @@ from privgrad.per_sample.batch import (
     versions,
 )
 from privgrad.per_sample.capture import Capture, GradAccumulationGuard
+from privgrad.per_sample.layout import Verified
 from privgrad.per_sample.plan import plan_units
 from privgrad.physical import BatchResult, clip_batch, self_check_samples, sum_fresh
+from privgrad.statement import DEFAULT_DELTAS, PrivacyStatement, build_statement
 from privgrad.trace import KEEP_OPTIONS, KEEPABLE, Segment, StepTrace
 
 MODES = ("auto", "ghost", "materialize", "vmap")
@@ -162,6 +164,7 @@ class DPEngine:
         self._capture = Capture(plan_units(model, use_rules=mode != "vmap"), root=model,
                                 marking=self_check)
         self._grad_guard = GradAccumulationGuard(self._params, guards.grad_accumulated)
+        self._layouts = Verified()  # batch axes checked once per layout (per_sample.layout)
         self._grads = guards.GradLedger()
         self._pending: list[tuple[Segment, BatchResult]] = []  # physical batches of this step
 
@@ -370,7 +373,7 @@ class DPEngine:
                 reference = _autograd(losses[:checked].sum(), trainable)
                 reference_one = _autograd(losses[0], trainable) if B > 1 else None
                 mixing = guards.sample_mixing(losses, marked)
-            ios = output_grads(losses, calls)
+            ios = output_grads(losses, calls, self._layouts)
             if not ios:
                 raise guards.not_connected(losses)
             check_batch_sizes(ios, B)
@@ -534,6 +537,34 @@ class DPEngine:
                 "len(dataset)) with Poisson sampling (privgrad.data)."
             )
         return self.ledger.epsilon(delta, accountant)
+
+    def privacy_statement(
+        self,
+        deltas: Iterable[float] | float = DEFAULT_DELTAS,
+        public: Iterable[str] | str = (),
+        accountant: str = "pld",
+        dataset_size: int | None = None,
+    ) -> PrivacyStatement:
+        """What this engine's ledger proves, for users and auditors (``privgrad.statement``).
+
+        Args:
+            deltas: δ values at which ε is stated.
+            public: What else the run treats as public (class count, split, feature schema).
+            accountant: ``"pld"`` (default) or ``"rdp"``.
+            dataset_size: ``N`` when ``sample_rate`` or ``expected_batch_size`` was computed
+                from it: ``N`` is then released, and the statement lists it as public.
+
+        Returns:
+            A frozen ``PrivacyStatement`` (``to_dict()``, ``to_text()``, ``to_html()``).
+
+        Raises:
+            StatementError: If steps were taken without a ``sample_rate``.
+        """
+        return build_statement(
+            self.ledger, clipping=self.clipping, sensitivity=self.max_grad_norm,
+            expected_batch_size=self.expected_batch_size, deltas=deltas, public=public,
+            accountant=accountant, dataset_size=dataset_size,
+            unaccounted_steps=self._unaccounted)
 
     def state_dict(self) -> dict:
         """The engine's state: steps, privacy ledger, noise generator, clip threshold."""

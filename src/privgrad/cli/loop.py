@@ -79,7 +79,7 @@ def train(c: Config, out: Path, state: dict[str, Any] | None,
         raise ValueError(f"the run was set up for {c.nproc} process(es) but {world} are "
                          f"running. Fix: --nproc {c.nproc} (resume uses the checkpointed one).")
     torch.manual_seed(c.split_seed)  # the same split and initial model on every rank
-    data = datasets.load(c.data, c.split_seed)
+    data = datasets.load(c.data, c.split_seed, num_classes=c.num_classes)
     model = models.build(c.model, tuple(data.x_train.shape[1:]), data.num_classes)
     n = len(data.y_train)
     if c.batch_size > n:
@@ -288,6 +288,10 @@ def _finish(c: Config, out: Path, data: datasets.Split, history: dict, facts: di
         "seed": c.seed, "secure_randomness": c.seed is None,
         "wall_seconds": round(history["seconds"][0], 2),
         "not_private": "everything here except the model is computed from individual samples",
+        "privacy_statement": engine.privacy_statement(
+            deltas=sorted({c.delta, 1e-5, 1e-6, 1e-7}, reverse=True),
+            public=datasets.public_inputs(data, c.batch_size),
+            dataset_size=len(data.y_train)).to_dict(),
     }
     checkpoint.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     write_report(out / "report.html", metrics=log.rows(), histograms=history["histograms"],
