@@ -89,14 +89,27 @@ def test_rules_take_a_new_threshold_or_say_how():
     assert trace.max_grad_norm == 0.25 and engine.max_grad_norm != 0.25
 
 
-def test_a_threshold_of_1e300_is_not_infinite():
-    model, engine = make(max_grad_norm=1e300)
-    assert engine.max_grad_norm == 1e300 and engine.noise_std == 1e300
-    model, engine = make(max_grad_norm=None,
-                         clipping=pg.clipping.PerLayer({"weight": 1e300, "bias": 1e300}))
-    assert engine.max_grad_norm == pytest.approx(math.sqrt(2) * 1e300)
+def test_a_threshold_of_1e300_is_not_infinite_and_an_overflowing_noise_is_refused():
+    model, engine = make(noise_multiplier=0.0, max_grad_norm=1e300)
+    assert engine.max_grad_norm == 1e300 and engine.noise_std == 0.0
     trace = engine.backward(losses(model))
+    assert trace.max_grad_norm == 1e300 and engine.ledger.entries[0].sensitivity == 1e300
+    with pytest.raises(ValueError, match=r"σ·S = 1 × 1e\+300.*float32.*Fix"):
+        make(max_grad_norm=1e300)  # float32 noise of std 1e300 would write ±inf into p.grad
+    model, engine = make()
+    with pytest.raises(ValueError, match="does not fit in float32"):
+        engine.max_grad_norm = 1e37
+    assert engine.max_grad_norm == 1.0
+    torch.manual_seed(0)
+    model = nn.Linear(50, 40).double()  # float64 noise: 1e300 fits
+    engine = pg.DPEngine(model, noise_multiplier=1.0, clipping=pg.clipping.PerLayer(
+        {"weight": 1e300, "bias": 1e300}), expected_batch_size=4.0, sample_rate=0.01, seed=0)
+    assert engine.max_grad_norm == pytest.approx(math.sqrt(2) * 1e300)
+    x = torch.randn(4, 50, dtype=torch.float64)
+    trace = engine.backward(F.cross_entropy(model(x), torch.zeros(4, dtype=torch.long),
+                                            reduction="none"))
     assert math.isfinite(trace.max_grad_norm)
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
 
 
 @pytest.mark.parametrize(("name", "value"), [

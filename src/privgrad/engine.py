@@ -158,7 +158,7 @@ class DPEngine:
             )
         self._names = {id(p): n for n, p in model.named_parameters()}
         self.plan: ClipPlan = self.clipping.bind(list(self._params))
-        _check_finite_noise(self.noise_multiplier, self.plan.sensitivity)
+        _check_finite_noise(self.noise_multiplier, self.plan.sensitivity, self._params)
         if self.distributed:  # seed, σ, q, normaliser, rule and thresholds: equal on all ranks
             distributed.agree_at_construction(self, seed, self._params, self._device)
         self._capture = Capture(plan_units(model, use_rules=mode != "vmap"), root=model,
@@ -183,7 +183,7 @@ class DPEngine:
         sigma = _check_sigma(value)
         plan = getattr(self, "plan", None)  # unset while __init__ runs: checked there
         if plan is not None:
-            _check_finite_noise(sigma, plan.sensitivity)
+            _check_finite_noise(sigma, plan.sensitivity, self._params)
         self._sigma = sigma
 
     @property
@@ -264,7 +264,7 @@ class DPEngine:
                 "Fix: change it after engine.step() (or engine.discard()), before the next "
                 "logical step's first accumulate()."
             )
-        _check_finite_noise(self.noise_multiplier, plan.sensitivity)
+        _check_finite_noise(self.noise_multiplier, plan.sensitivity, self._params)
         self._rule, self.plan = rule, plan
 
     def backward(self, losses: torch.Tensor, keep: Iterable[str] | str = ()) -> StepTrace:
@@ -596,7 +596,7 @@ class DPEngine:
         if threshold is not None and not (
                 isinstance(rule, PerLayer) and isinstance(rule.max_norms, Mapping)):
             rule, plan = self._with_threshold(threshold)
-        _check_finite_noise(sigma, plan.sensitivity)
+        _check_finite_noise(sigma, plan.sensitivity, self._params)
         ledger = PrivacyLedger.from_state_dict(state["ledger"])
         self.noise.load_state_dict(state["noise"])
         self.steps = int(state["steps"])
@@ -642,11 +642,34 @@ def _check_ebs(ebs: float | None) -> float:
     return float(ebs)
 
 
-def _check_finite_noise(sigma: float, sensitivity: float) -> None:
+NOISE_HEADROOM = 64.0
+"""How many standard deviations of noise must fit in the noise's dtype (a standard normal
+exceeds 64 with probability below 1e-800)."""
+
+
+def _check_finite_noise(
+    sigma: float, sensitivity: float, params: Mapping[str, nn.Parameter] | None = None
+) -> None:
+    """Refuses a noise std ``σ·S`` that is infinite or would overflow the noise's dtype.
+
+    The noise of a float64 parameter is float64; of any other, float32 (``release``).
+    """
     if sigma > 0 and math.isinf(sensitivity):
         raise ValueError(
             "privgrad: max_grad_norm=inf with noise_multiplier > 0 would add infinite "
             "noise. Fix: a finite max_grad_norm, or noise_multiplier=0 for non-private runs."
+        )
+    if sigma == 0 or not params:
+        return
+    wide = all(p.dtype == torch.float64 for p in params.values())
+    limit = torch.finfo(torch.float64 if wide else torch.float32).max / NOISE_HEADROOM
+    if sigma * sensitivity > limit:
+        raise ValueError(
+            f"privgrad: the noise std σ·S = {sigma:.6g} × {sensitivity:.6g} = "
+            f"{sigma * sensitivity:.6g} does not fit in {'float64' if wide else 'float32'} "
+            f"(the noise's dtype; limit {limit:.3g}), so p.grad would be ±inf. Fix: a "
+            "clipping threshold on the scale of the gradient norms (e.g. 1.0), or "
+            "noise_multiplier=0 for a non-private run."
         )
 
 
