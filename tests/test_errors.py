@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import privgrad as pg
+from oracle import loop_per_sample_grads
 
 
 def mlp():
@@ -75,6 +76,32 @@ def test_batchnorm_rejected_and_fixed():
     engine.backward(model(torch.randn(4, 3, 8, 8)).flatten(1).sum(1))
 
 
+def test_fixed_batchnorm1d_on_features_keeps_the_model_input_dependent():
+    """BatchNorm1d(C) on (B, C) features: one channel per group would normalise a single
+    value to the constant 0; the fix normalises each sample over its features."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
+    with pytest.raises(pg.UnsupportedModelError, match=r"nn.GroupNorm\(1, 16\)"):
+        engine_for(model)
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    pg.validate.fix(model)
+    norm = model[1]
+    assert isinstance(norm, nn.GroupNorm) and norm.num_groups == 1
+    x, y = data(6)
+    h = model[0](x)
+    torch.testing.assert_close(norm(h), F.layer_norm(h, (16,), norm.weight, norm.bias))
+    out = model(x)
+    assert float((out - out[0]).abs().min(dim=1).values[1:].min()) > 1e-4  # not constant
+    want = loop_per_sample_grads(model, lambda o, i: F.cross_entropy(o, y[i:i + 1]), x)
+    engine = engine_for(model, max_grad_norm=math.inf, expected_batch_size=6)
+    engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+    for n, p in model.named_parameters():
+        assert float(want[n].abs().max()) > 0, n  # every parameter is trained
+        torch.testing.assert_close(p.grad, want[n].sum(0) / 6, rtol=1e-5, atol=1e-7)
+
+
 def test_instance_norm_running_stats_and_embedding_freq():
     with pytest.raises(pg.UnsupportedModelError, match="track_running_stats=False"):
         engine_for(nn.Sequential(nn.InstanceNorm1d(3, affine=True, track_running_stats=True)))
@@ -125,7 +152,10 @@ def test_second_backward_without_zero_grad():
     opt.zero_grad(set_to_none=False)  # zeroed in place is fine
     engine.backward(F.cross_entropy(model(x), y, reduction="none"))
     opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()  # a non-private gradient
+    with pytest.raises(pg.GradientStateError, match="accumulated a gradient into p.grad of"):
+        F.cross_entropy(model(x), y).backward()  # a non-private gradient: refused at once
+    assert all(p.grad is None for p in model.parameters())
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # written by hand
     with pytest.raises(pg.GradientStateError, match="did you call loss.backward"):
         engine.backward(F.cross_entropy(model(x), y, reduction="none"))
 

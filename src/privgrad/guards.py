@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from privgrad.errors import (
     GradientStateError,
@@ -14,6 +18,8 @@ from privgrad.errors import (
     NonFiniteGradientError,
     UnsupportedModelError,
 )
+from privgrad.per_sample.capture import Marked
+from privgrad.per_sample.state import StateWrite
 
 
 def check_losses(losses: object) -> torch.Tensor:
@@ -68,17 +74,26 @@ class GradLedger:
         self._written[name] = (weakref.ref(grad), grad._version)
 
     def check(self, params: Mapping[str, torch.nn.Parameter]) -> None:
-        """Raises if any ``p.grad`` still holds a gradient that would be overwritten."""
+        """Raises if any ``p.grad`` still holds a gradient that would be overwritten.
+
+        A ``p.grad`` the engine wrote must be ``None`` or zero by the next step. Changed in
+        place since (its version moved) is not taken for ``zero_grad(set_to_none=False)``
+        unless it is zero: a non-private ``loss.backward()`` also accumulates in place
+        (refused as it happens by the engine's ``GradAccumulationGuard``; this catches
+        whatever bypassed it, e.g. an in-place op on ``p.grad``).
+        """
         for name, p in params.items():
             g = p.grad
             if g is None:
                 continue
             ref, version = self._written.get(name, (None, None))
             if ref is not None and ref() is g:
-                if g._version == version:
+                if g._version == version or bool(g.any()):
+                    since = "" if g._version == version else (
+                        " (changed in place since it was written, and not zero)")
                     raise GradientStateError(
                         f"privgrad: p.grad of '{name}' still holds the private gradient of the "
-                        "previous step: engine.backward was called again without "
+                        f"previous step{since}: engine.backward was called again without "
                         "optimizer.zero_grad(). engine.backward writes each step's private "
                         "gradient, it does not accumulate (that would add noise twice and "
                         "break the accounting). Fix: call optimizer.step(); "
@@ -209,7 +224,211 @@ def check_sample(
                 f"autograd's gradient of losses[{i}] (error {err:.2e} vs norm {total:.2e}). "
                 "A layer's input is shared by all samples yet has the batch size on dim 0 "
                 "(e.g. nn.Embedding on torch.arange(T) with T == B, broadcast over the "
-                "batch), or a layer mixes samples. Fix: give shared inputs the batch "
-                "dimension (emb(torch.arange(T).expand(B, T))), and replace sample-mixing "
-                "layers (privgrad.validate.problems(model) lists known ones)."
+                "batch), or the model or the loss mixes samples (batch statistics, an "
+                "in-batch contrastive loss). Fix: give shared inputs the batch dimension "
+                "(emb(torch.arange(T).expand(B, T))), compute each sample's loss from that "
+                "sample alone, and replace sample-mixing layers "
+                "(privgrad.validate.problems(model) lists known ones)."
             )
+
+
+def grad_accumulated(name: str) -> GradientStateError:
+    """The error for a backward pass that accumulated into ``p.grad`` of ``name``."""
+    return GradientStateError(
+        f"privgrad: a backward pass accumulated a gradient into p.grad of '{name}', a "
+        "parameter this DPEngine trains (loss.backward() or torch.autograd.backward on the "
+        "model's output). That gradient is neither clipped nor noised: an optimizer.step() "
+        "would apply it and release the batch without privacy. The backward pass was "
+        f"stopped and p.grad of '{name}' set to None. Fix: train with "
+        "engine.backward(losses) only; for a non-private evaluation run the forward under "
+        "torch.no_grad(), or take its gradients with torch.autograd.grad(loss, inputs), "
+        "which leaves p.grad alone (engine.close() removes this guard with the engine)."
+    )
+
+
+def check_forward_writes(writes: Sequence[StateWrite]) -> None:
+    """Raises if a recorded forward pass wrote a parameter or buffer of the model.
+
+    Whatever a forward writes into the model from the batch (running statistics, an
+    Embedding's ``max_norm`` renormalisation of the batch's rows, a buffer updated from
+    the input) is released with the model without clipping or noise.
+
+    Args:
+        writes: From ``Capture.take_writes()``.
+
+    Raises:
+        UnsupportedModelError: Naming each module and tensor written (five at most), how,
+            and the fix.
+    """
+    if not writes:
+        return
+    lines = [_describe(w) for w in writes[:5]]
+    more = f"\n- ... and {len(writes) - 5} more" if len(writes) > 5 else ""
+    raise UnsupportedModelError(
+        "privgrad: the model's forward pass wrote its own parameters or buffers:\n- "
+        + "\n- ".join(lines) + more + "\nWhat a forward writes into the model comes from "
+        "the batch and is released with the model, with no clipping and no noise, so this "
+        "batch is refused: nothing of it was accumulated, p.grad is untouched and no step "
+        "is taken. The model already holds the written values: restore its parameters and "
+        "buffers from before this forward (e.g. model.load_state_dict(saved_state)) before "
+        "training on or releasing it."
+    )
+
+
+_HOW = {
+    "in place": "changed its {kind} '{name}' in place",
+    "replaced": "assigned a new tensor to its {kind} '{name}' (like self.{name} = x.mean(0))",
+    "added": "registered a new {kind} '{name}'",
+    "removed": "removed its {kind} '{name}'",
+}
+
+
+def _describe(w: StateWrite) -> str:
+    where = f"module '{w.path}'" if w.path else "the model itself"
+    cls = type(w.module).__name__
+    what = _HOW[w.how].format(kind=w.kind, name=w.name)
+    why, fix = _write_hint(w, cls)
+    return f"{where} ({cls}) {what} during the forward pass{why}. Fix: {fix}"
+
+
+def _write_hint(w: StateWrite, cls: str) -> tuple[str, str]:
+    """Why such a write happens and how to avoid it: known layers first, then in general."""
+    m, prefix = w.module, f"{w.path}." if w.path else ""
+    if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.max_norm is not None:
+        return (
+            f" (max_norm={m.max_norm} renormalises in place the rows of the batch's tokens, "
+            "so the released weights reveal which tokens the batch held)",
+            f"nn.{cls}(..., max_norm=None); to bound the rows, renormalise after each "
+            f"optimizer.step(), from released values only: with torch.no_grad(): "
+            f"model.{prefix}weight.renorm_(2, 0, {m.max_norm})",
+        )
+    if isinstance(m, _BatchNorm | _InstanceNorm) and w.kind == "buffer":
+        return (
+            " (running statistics are averages over the batch's inputs)",
+            "pg.validate.fix(model) (GroupNorm instead of BatchNorm, "
+            "track_running_stats=False for InstanceNorm)",
+        )
+    if w.kind == "parameter":
+        return ("", f"a parameter may change only by optimizer.step() on the private "
+                f"gradient: remove the write to self.{w.name} from {cls}.forward (no in-place "
+                "op on it, no .data assignment)")
+    return ("", f"never write self.{w.name} in {cls}.forward: give it its value before "
+            "training, from public data or from the parameters and shapes only (a cache such "
+            "as a position table: fill it by one forward at the largest size under "
+            "torch.no_grad() before creating the DPEngine); state learned from the data must "
+            "be an nn.Parameter trained through engine.backward")
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """How much one marked tensor's other samples reach the losses, for ``check_no_mixing``.
+
+    Attributes:
+        where: The tensor (``Marked.where``).
+        dim: The dim taken as the samples (0, or 1 for a sequence-first input).
+        cross: ``‖∂losses[0]/∂x[j ≠ 0]‖ / scale``: exactly 0 when the samples are independent.
+        cross_sample: The sample ``j != 0`` with the largest ``‖∂losses[0]/∂x[j]‖``.
+        signs: ``‖∂(s·losses)/∂x - s ⊙ ∂(1·losses)/∂x‖ / ‖∂(1·losses)/∂x‖`` for a fixed
+            random sign vector ``s``: 0 (up to rounding) when the samples are independent.
+        signs_sample: The sample with the largest difference.
+    """
+
+    where: str
+    dim: int
+    cross: float
+    cross_sample: int
+    signs: float
+    signs_sample: int
+
+
+def sample_mixing(losses: torch.Tensor, marked: Sequence[Marked]) -> list[Mixing]:
+    """Measures whether a loss depends on another sample's input: ``∂losses[i]/∂x[j]``.
+
+    For every marked tensor ``x`` with ``B`` samples on dim 0 (or 1: sequence-first), three
+    vector-Jacobian products through the model: with ``e_0`` (``losses[0]`` must not
+    depend on any ``x[j]``, ``j != 0``: catches any mixing that involves sample 0, like
+    batch statistics or an in-batch contrastive loss), with ``1`` and with a fixed random
+    sign vector ``s`` (independent samples give ``∂(s·L)/∂x[j] = s_j ∂(1·L)/∂x[j]`` for
+    every ``j``; a dependence of ``losses[i]`` on ``x[j]`` shows whenever ``s_i != s_j``).
+    Run before the graph is freed; the verdict is ``check_no_mixing``'s.
+
+    Args:
+        losses: ``(B,)`` per-sample losses, graph alive.
+        marked: From ``Capture.take_marked()``.
+
+    Returns:
+        One ``Mixing`` per marked tensor that the losses depend on and candidate sample
+        dim; empty when ``B < 2``.
+    """
+    B = losses.shape[0]
+    xs = [m for m in marked if m.tensor.requires_grad and B in m.tensor.shape[:2]]
+    if B < 2 or not xs:
+        return []
+    # A fixed generator: the check is deterministic and leaves the user's RNG alone.
+    signs = torch.randint(0, 2, (B,), generator=torch.Generator().manual_seed(0x5EED)) * 2.0 - 1
+    signs[:2] = torch.tensor([1.0, -1.0])  # B = 2 is then fully checked
+    signs = signs.to(device=losses.device, dtype=losses.dtype)
+    tensors = [m.tensor for m in xs]
+    vjps = [torch.autograd.grad(v, tensors, retain_graph=True, allow_unused=True)
+            for v in (losses[0], losses.sum(), (losses * signs).sum())]
+    out = []
+    for k, m in enumerate(xs):
+        grads = [g[k] for g in vjps]
+        if all(g is None for g in grads):
+            continue  # not used by the forward
+        for dim in (d for d in (0, 1) if d < m.tensor.dim() and m.tensor.shape[d] == B):
+            g0, g1, gs = (torch.zeros(B, 1, dtype=torch.double, device=losses.device)
+                          if g is None else g.double().movedim(dim, 0).reshape(B, -1)
+                          for g in grads)
+            rows0, rows1 = g0.norm(dim=1), g1.norm(dim=1)
+            scale = max(float(rows0.max()), float(rows1.max()))
+            diff = (gs - signs.double()[:, None] * g1).norm(dim=1)
+            out.append(Mixing(
+                m.where, dim,
+                float(rows0[1:].norm()) / scale if scale > 0 else 0.0,
+                1 + int(rows0[1:].argmax()),
+                float(diff.norm()) / max(float(rows1.norm()), 1e-300),
+                int(diff.argmax()),
+            ))
+    return out
+
+
+def check_no_mixing(found: Sequence[Mixing], rtol: float = 1e-3) -> None:
+    """Raises ``UnsupportedModelError`` if a loss depends on another sample's input.
+
+    A tensor passes if one of its candidate sample dims passes both tests.
+
+    Args:
+        found: From ``sample_mixing``.
+        rtol: Tolerance of the sign comparison (rounding). The ``e_0`` test allows
+            ``1e-6`` whatever the dtype: without mixing there is no path, so exactly 0.
+    """
+    failed: dict[str, Mixing] = {}
+    passed = set()
+    for m in found:
+        if m.cross > 1e-6 or m.signs > rtol:
+            failed.setdefault(m.where, m)
+        else:
+            passed.add(m.where)
+    for where, m in failed.items():
+        if where in passed:
+            continue
+        if m.cross > 1e-6:
+            what = (f"losses[0] depends on sample {m.cross_sample}'s {where} (the gradient "
+                    f"of losses[0] with respect to the other samples' rows has {m.cross:.2e} "
+                    "times the norm of the samples' own")
+        else:
+            what = (f"sample {m.signs_sample}'s {where} reaches another sample's loss (the "
+                    f"gradients of two sign-weighted sums of the losses differ by {m.signs:.2e}"
+                    " relative")
+        raise UnsupportedModelError(
+            f"privgrad: {what}): the model or the loss mixes the samples of a batch, e.g. "
+            "batch statistics ((x - x.mean(0)) / x.std(0)) or in-batch mixup/shuffling in a "
+            "forward, or a loss that compares samples (in-batch contrastive). Removing one "
+            "sample then changes the other samples' gradients, so clipping each sample's "
+            "gradient no longer bounds its contribution and the privacy guarantee is void; "
+            "nothing was accumulated. Fix: compute each sample's loss from that sample alone "
+            "(normalise with constants from public data or per sample, nn.LayerNorm; augment "
+            "per sample in the data pipeline; a per-sample loss instead of an in-batch one). "
+            "Dims 0 and 1 (where of size B) were both tried as the batch."
+        )

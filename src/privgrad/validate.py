@@ -25,7 +25,7 @@ def problems(model: nn.Module) -> list[str]:
             found.append(
                 f"module {where} is {type(m).__name__}: batch statistics mix the samples of "
                 "a batch, so no per-sample gradient exists, and its running statistics leak "
-                f"data outside the private gradient. Fix: nn.GroupNorm({_groups(m.num_features)}"
+                f"data outside the private gradient. Fix: nn.GroupNorm({_groups(m)}"
                 f", {m.num_features}) instead, or call pg.validate.fix(model)."
             )
         elif isinstance(m, _InstanceNorm) and m.track_running_stats:
@@ -63,14 +63,27 @@ def check(model: nn.Module) -> None:
         )
 
 
-def _groups(channels: int) -> int:
-    return math.gcd(32, channels)
+def _groups(m: _BatchNorm) -> int:
+    """GroupNorm groups replacing ``m``: every group must span more than one value.
+
+    ``BatchNorm1d`` usually normalises ``(B, C)`` features, where a group of one channel
+    is a single value whose normalisation is the constant 0 (the model would no longer
+    depend on its input): one group over the features instead, like ``nn.LayerNorm(C)``.
+    ``BatchNorm2d/3d`` normalise maps, so ``gcd(32, C)`` groups (one channel per group for
+    ``C <= 32``) still span every position of their channels' maps.
+    """
+    if isinstance(m, nn.BatchNorm1d):
+        return 1
+    return math.gcd(32, m.num_features)
 
 
 def fix(model: nn.Module) -> nn.Module:
     """Replaces, in place, the layers ``check`` rejects where a private equivalent exists.
 
-    BatchNorm → GroupNorm with ``gcd(32, C)`` groups (keeping ``affine``);
+    BatchNorm1d → GroupNorm with one group (normalises each sample over its features, as
+    ``nn.LayerNorm(C)`` on ``(B, C)``; one channel per group would make a constant);
+    BatchNorm2d/3d → GroupNorm with ``gcd(32, C)`` groups (on ``1×1`` maps a group of one
+    channel is constant too: use fewer groups there); both keep ``affine``;
     InstanceNorm with running stats → the same InstanceNorm without them. Parameter names
     of the replaced layers (``weight``, ``bias``) are kept, so ``state_dict`` keys of
     affine parameters are unchanged; running-statistics buffers are dropped.
@@ -83,7 +96,7 @@ def fix(model: nn.Module) -> nn.Module:
     """
     for path, m in list(model.named_modules()):
         if isinstance(m, _BatchNorm):
-            new: nn.Module = nn.GroupNorm(_groups(m.num_features), m.num_features, m.eps, m.affine)
+            new: nn.Module = nn.GroupNorm(_groups(m), m.num_features, m.eps, m.affine)
         elif isinstance(m, _InstanceNorm) and m.track_running_stats:
             new = type(m)(m.num_features, m.eps, m.momentum, m.affine, track_running_stats=False)
         else:

@@ -11,21 +11,32 @@ Gradient edges are taken at forward time, so an in-place op applied later to the
 A call made *inside* the forward of a functional unit that claims the same parameters is
 not recorded: the functional unit's re-run already covers it, and recording both would
 count those parameters' gradients twice. The same module called on its own is recorded.
+
+Given the model's ``root``, the capture also watches every forward of the root made with
+gradients enabled: it notes each parameter and buffer (its tensor and version counter)
+when the forward starts and reports, as ``StateWrite`` values, those the forward changed
+(``take_writes``); while ``marking`` is on it hands the forward fresh leaves in place of
+its floating inputs, and keeps the outputs of recorded calls whose inputs are all
+integer (token embeddings), so the engine can differentiate the losses with respect to
+each sample's input (``take_marked``). ``GradAccumulationGuard`` refuses any backward
+pass that accumulates into ``p.grad`` of the parameters privgrad trains.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_map
 
 from privgrad.per_sample.plan import Unit
+from privgrad.per_sample.state import StateWatch, StateWrite, settle
 
 _STATE = threading.local()
 
@@ -68,6 +79,19 @@ class Call:
     edges: list[GradientEdge | None] = field(repr=False)
 
 
+@dataclass(frozen=True)
+class Marked:
+    """A tensor of one recorded forward whose dim 0 should be the samples.
+
+    Attributes:
+        where: What it is, for messages (``"model input args[0]"``, ...).
+        tensor: The tensor; the losses can be differentiated with respect to it.
+    """
+
+    where: str
+    tensor: torch.Tensor = field(repr=False)
+
+
 def _outputs(output: Any) -> tuple[list[torch.Size | None], list[GradientEdge | None]]:
     shapes: list[torch.Size | None] = []
     edges: list[GradientEdge | None] = []
@@ -98,12 +122,30 @@ class Capture:
 
     Args:
         units: The units to record (from ``plan_units``).
+        root: The model: its forwards are watched for parameter and buffer writes and,
+            while ``marking``, given marked inputs. ``None``: neither.
+        marking: The initial value of ``marking`` (the attribute may be changed).
     """
 
-    def __init__(self, units: list[Unit]) -> None:
+    def __init__(
+        self, units: list[Unit], root: nn.Module | None = None, marking: bool = False
+    ) -> None:
         self._calls: list[Call] = []
         self._active: list[frozenset[int]] = []  # params claimed by running functional units
         self._handles = []
+        self.marking = marking  # mark the inputs of the next recorded forwards
+        self._marked: list[Marked] = []
+        self._writes: list[StateWrite] = []
+        self._moved: list[tuple[StateWrite, torch.Tensor]] = []  # settled at take_writes
+        self._open: list[tuple | None] = []  # one snapshot per root forward in progress
+        if root is not None:
+            self._watch = StateWatch(root)
+            self._handles.append(root.register_forward_pre_hook(
+                self._root_enter, with_kwargs=True, prepend=True))
+            self._handles.append(root.register_forward_hook(self._root_exit, always_call=True))
+            for path, m in root.named_modules():  # token embeddings, trained ones or frozen
+                if isinstance(m, nn.Embedding | nn.EmbeddingBag):
+                    self._handles.append(m.register_forward_hook(self._make_mark_frozen(path)))
         for unit in units:
             if unit.rule is None:
                 claimed = frozenset(id(p) for p in unit.params.values())
@@ -151,14 +193,95 @@ class Capture:
                 self._calls.append(Call(
                     unit, tree_map(_detach, tuple(args)), tree_map(_detach, kwargs), shapes, edges
                 ))
+            if self.marking:
+                self._mark_output(unit, args, kwargs, output)
             return None
 
         return hook
+
+    def _root_enter(self, module, args, kwargs):  # noqa: ANN001, ANN202
+        if _suspended() or not torch.is_grad_enabled():
+            self._open.append(None)  # not recorded: an evaluation, or privgrad's own re-run
+            return None
+        self._open.append(self._watch.start())
+        return self._mark_inputs(args, kwargs) if self.marking else None
+
+    def _root_exit(self, module, args, output):  # noqa: ANN001, ANN202
+        snap = self._open.pop() if self._open else None
+        if snap is not None:
+            writes, moved = self._watch.changes(snap)
+            self._writes.extend(writes)
+            self._moved.extend(moved)
+
+    def _mark_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        """The root's inputs, each floating tensor replaced by a marked leaf (same memory)."""
+
+        def marker(where: str):  # noqa: ANN202
+            def one(x: Any) -> Any:
+                if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 0
+                        ) or x.is_inference():  # an inference tensor cannot be made a leaf
+                    return x
+                if x.requires_grad:  # already differentiable: the losses' gradient reaches it
+                    self._marked.append(Marked(where, x))
+                    return x
+                # Shares memory and version counter with the caller's tensor, so a trace
+                # still sees it written after the step; the forward must not write it.
+                leaf = x.detach().requires_grad_()
+                self._marked.append(Marked(where, leaf))
+                return leaf
+
+            return one
+
+        new_args = tuple(tree_map(marker(f"model input args[{i}]"), a)
+                         for i, a in enumerate(args))
+        new_kwargs = {k: tree_map(marker(f"model input {k}="), v) for k, v in kwargs.items()}
+        return new_args, new_kwargs
+
+    def _make_mark_frozen(self, path: str):  # noqa: ANN202
+        def hook(module, args, output):  # noqa: ANN001, ANN202
+            # A trained embedding's output is marked by its unit's hook (_mark_output).
+            if (not self.marking or _suspended() or not torch.is_grad_enabled()
+                    or not isinstance(output, torch.Tensor) or output.requires_grad
+                    or not output.is_floating_point() or output.dim() == 0):
+                return None
+            leaf = output.detach().requires_grad_()
+            self._marked.append(Marked(f"output of module '{path}' ({type(module).__name__})",
+                                       leaf))
+            return leaf.clone()  # not a leaf: the forward may still write it in place
+
+        return hook
+
+    def _mark_output(self, unit: Unit, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        """Marks the outputs of a call whose inputs are all integer (token ids cannot be)."""
+        if any(isinstance(t, torch.Tensor) and t.is_floating_point()
+               for t in tree_flatten((args, kwargs))[0]):
+            return
+        where = f"output of module '{unit.path}' ({type(unit.module).__name__})"
+        self._marked.extend(
+            Marked(where, leaf) for leaf in tree_flatten(output)[0]
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.dim() > 0)
 
     def take(self) -> list[Call]:
         """Returns the calls recorded since the last ``take()`` and forgets them."""
         calls, self._calls = self._calls, []
         return calls
+
+    def take_writes(self) -> list[StateWrite]:
+        """Parameters and buffers the root's recorded forwards changed since the last call.
+
+        Each is named once (in ``named_modules`` order); they are then forgotten.
+        """
+        writes, self._writes = self._writes + settle(self._moved), []
+        self._moved = []
+        unique: dict[tuple[str, str, str], StateWrite] = {}
+        for w in writes:
+            unique.setdefault((w.path, w.kind, w.name), w)
+        return list(unique.values())
+
+    def take_marked(self) -> list[Marked]:
+        """The tensors marked since the last call (see ``marking``), and forgets them."""
+        marked, self._marked = self._marked, []
+        return marked
 
     def close(self) -> None:
         """Removes every hook; the model is left exactly as it was."""
@@ -167,3 +290,43 @@ class Capture:
         self._handles = []
         self._calls = []
         self._active = []
+        self._marked = []
+        self._writes = []
+        self._moved = []
+        self._open = []
+
+
+class GradAccumulationGuard:
+    """Refuses, as it happens, any backward pass that accumulates into ``p.grad``.
+
+    privgrad never accumulates into ``.grad`` itself: it assigns ``p.grad`` and takes
+    every gradient with ``torch.autograd.grad``. So an accumulation into a trained
+    parameter's ``.grad`` is a non-private backward (``loss.backward()``), whose gradient
+    an ``optimizer.step()`` would apply unclipped and without noise. A post-accumulate-grad
+    hook on each parameter sets its ``.grad`` to ``None`` and raises ``refuse(name)``, which
+    stops that backward pass.
+
+    Args:
+        params: ``{name: parameter}`` to guard (those requiring grad get a hook).
+        refuse: Builds the exception for the parameter named.
+    """
+
+    def __init__(
+        self, params: Mapping[str, nn.Parameter], refuse: Callable[[str], Exception]
+    ) -> None:
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(n, refuse))
+                         for n, p in params.items() if p.requires_grad]
+
+    @staticmethod
+    def _hook(name: str, refuse: Callable[[str], Exception]):  # noqa: ANN205
+        def hook(p: torch.Tensor) -> None:
+            p.grad = None  # the non-private sum must never reach an optimizer
+            raise refuse(name)
+
+        return hook
+
+    def close(self) -> None:
+        """Removes every hook."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
