@@ -17,6 +17,11 @@ either: a ``NoiseDraw`` records the generator state before the draw and draws ex
 same values again on request. Every path draws each tensor in the same chunks, so the
 three give the same values for the same generator state.
 
+Precision: the engine's clipped sums are float32 or wider (a 16-bit parameter's is
+float32), so its noise is drawn and added in float32 or wider; rounding to a 16-bit
+``p.grad`` happens once, after (``privgrad.release``). A 16-bit target given directly
+still gets float32 draws rounded to its dtype (``_sampling_dtype``).
+
 PyTorch's CPU sampler runs on one core. Drawing on a second thread, either the next step's
 noise in the background or half of this step's (independent generators per chunk), was
 measured slower on 2 cores: after the step's kernels PyTorch's OpenMP workers keep spinning

@@ -12,6 +12,14 @@ Two ways to write it, the same bits either way (IEEE addition commutes):
   checksum of every value taken at the step;
 - **held**: the noise is drawn into a new gradient and the clipped sum added; the trace
   holds the clipped sum.
+
+Precision: the clipped sum arrives in float32 or wider (a 16-bit parameter's is float32,
+``per_sample.chunks.accumulation_dtype``), and the noise is drawn and added, and the sum
+divided, in that dtype. ``DPEngine.step`` then rounds the result once into ``p.grad``'s
+dtype: for a 16-bit parameter the Gaussian mechanism is the float32 one (sensitivity ``C``
+to float32 rounding, noise with Gaussian tails), and its rounding to 16 bits is
+post-processing. Rounding the sum before the noise instead would not be: at ``B = 2048``
+one aligned sample moved a bfloat16 sum by up to 3.2·C (tests/test_sensitivity_16bit.py).
 """
 
 from __future__ import annotations
@@ -64,8 +72,12 @@ def write_private_gradient(
 ) -> tuple[dict[str, torch.Tensor], NoiseDraw, Callable[[], dict[str, torch.Tensor]]]:
     """``(clipped_sum + N(0, std²)) / expected_batch_size`` per parameter.
 
+    In each clipped sum's own dtype (float32 for a 16-bit parameter, module doc): the
+    caller rounds the result once to the parameter's dtype.
+
     Args:
-        clipped_sum: ``{param name: p.shape}`` fresh tensors (overwritten when ``again``).
+        clipped_sum: ``{param name: p.shape}`` fresh tensors, float32 or wider
+            (overwritten when ``again``).
         noise: Where the noise comes from.
         std: ``σ · sensitivity``.
         expected_batch_size: The normaliser.

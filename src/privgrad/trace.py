@@ -5,6 +5,13 @@ NOT PRIVATE: every field except ``private_grad`` is computed from individual sam
 them — logging to a shared dashboard, saving next to a published model — breaks the
 differential-privacy guarantee that ``engine.epsilon`` reports. Only ``private_grad``
 (what was written to ``p.grad``) is covered by that guarantee.
+
+Dtypes: for a 16-bit (bfloat16/float16) parameter the clipped sum and the noise are
+float32 (the mechanism is computed in float32: the clipped sum accumulated in float32, the
+Gaussian noise drawn and added in float32), and ``p.grad`` is their result rounded once to
+the parameter's dtype (post-processing of the float32 Gaussian mechanism); so are the
+post-clip per-sample gradients (the factor applied in float32). Every other dtype is the
+parameter's own throughout.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from privgrad.errors import TraceReleasedError
 from privgrad.noise import NoiseDraw
 from privgrad.per_sample.batch import LayerIO, first_modified, per_sample_grads
+from privgrad.per_sample.chunks import accumulation_dtype
 
 KEEPABLE = ("pre_clip", "post_clip")
 """Per-sample gradients a step can hold (``keep=``)."""
@@ -31,20 +39,28 @@ def private_gradient(
     clipped_sum: Mapping[str, torch.Tensor],
     noise: Mapping[str, torch.Tensor],
     expected_batch_size: float,
+    dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``(clipped sum + noise) / expected_batch_size`` per parameter.
+
+    Computed in the dtype of the clipped sum and the noise, then rounded once to
+    ``dtypes[name]`` where given (what ``DPEngine.step`` writes to a 16-bit ``p.grad``).
 
     Args:
         clipped_sum: ``{name: p.shape}``.
         noise: ``{name: p.shape}``.
         expected_batch_size: The fixed normaliser (not the realised batch size, which
             is itself private under Poisson sampling).
+        dtypes: ``{name: dtype}`` to round to (``None``: no rounding).
     """
-    return {n: torch.add(s, noise[n]).div_(expected_batch_size) for n, s in clipped_sum.items()}
+    dtypes = dtypes or {}
+    out = {n: torch.add(s, noise[n]).div_(expected_batch_size) for n, s in clipped_sum.items()}
+    return {n: g.to(dtypes.get(n, g.dtype)) for n, g in out.items()}
 
 
 def _broadcast(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return f.reshape(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+    """``f (B,)`` shaped to multiply ``g (B, ...)``, in ``g``'s accumulation dtype."""
+    return f.reshape(-1, *([1] * (g.dim() - 1))).to(accumulation_dtype(g.dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,6 +137,7 @@ class StepTrace:
     _clipped_sum: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
     _names: dict[int, str] = field(repr=False)
     _shapes: dict[str, torch.Size] = field(repr=False)
+    _dtypes: dict[str, torch.dtype] = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def clipped_sum(self) -> dict[str, torch.Tensor]:
@@ -133,6 +150,9 @@ class StepTrace:
         weight-gradient call per book-kept layer; layers whose per-sample gradients were
         materialised or streamed make them again), checks it against a checksum taken at the
         step, and holds it once asked for. ``keep="clipped_sum"`` holds it from the step.
+
+        Float32 for a 16-bit parameter: it is accumulated in float32, as the noise is
+        added to it (module doc); the parameter's dtype otherwise.
 
         Raises:
             TraceReleasedError: If it must be computed again and what the step ran on
@@ -147,7 +167,7 @@ class StepTrace:
 
         Drawn again, bit for bit, from the generator state recorded at the step (the step
         wrote it into the tensors that became ``p.grad`` and kept no copy); held once
-        asked for.
+        asked for. Float32 for a 16-bit parameter (drawn and added in float32).
         """
         return self._noise_draw.values()
 
@@ -155,12 +175,17 @@ class StepTrace:
     def private_grad(self) -> dict[str, torch.Tensor]:
         """``{param name: p.shape}`` = (clipped_sum + noise) / expected_batch_size.
 
-        This is exactly what was written to ``p.grad``, and the only private field.
+        This is exactly what was written to ``p.grad``, and the only private field. For
+        a 16-bit parameter it is computed in float32 (``clipped_sum`` and ``noise`` are
+        float32) and rounded once to the parameter's dtype, as ``p.grad`` holds it: the
+        rounding is post-processing of the float32 Gaussian mechanism, so it costs no
+        privacy. The unrounded value is ``(clipped_sum + noise) / expected_batch_size``.
 
         Raises:
             TraceReleasedError: As ``clipped_sum``.
         """
-        return private_gradient(self.clipped_sum, self.noise, self.expected_batch_size)
+        return private_gradient(self.clipped_sum, self.noise, self.expected_batch_size,
+                                self._dtypes)
 
     @property
     def clipped_norms(self) -> torch.Tensor:
@@ -206,7 +231,8 @@ class StepTrace:
 
         Args:
             clipped: ``False`` for the raw gradients, ``True`` for
-                ``param_clip_factors[name][:, None] * raw``.
+                ``param_clip_factors[name][:, None] * raw`` (float32 for a 16-bit
+                parameter: the factor applied in float32, as the clipped sum adds them).
             samples: Indices into the step's samples; ``None`` for all ``B`` samples.
 
         Returns:
@@ -258,6 +284,11 @@ class StepTrace:
 
 
 def clip(factors: torch.Tensor, grads: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """``factors[:, None, ...] * grads`` (the factors of the selected samples)."""
+    """``factors[:, None, ...] * grads`` (the factors of the selected samples).
+
+    In ``accumulation_dtype(grads.dtype)``: float32 for 16-bit ``grads`` (the product of a
+    float32 factor and a 16-bit value, not rounded back to 16 bits, whose norm is at most
+    ``C`` as the clipped sum has it); ``grads``' own dtype otherwise.
+    """
     f = factors if idx is None else factors.index_select(0, idx.to(factors.device))
     return _broadcast(f, grads) * grads

@@ -7,6 +7,15 @@ The result is exactly the same (each sample's value depends on that sample alone
 faster on CPU, where a freshly allocated tensor of tens of MB costs a page fault per 4 KB
 page on every step, while a few-MB one is reused from the heap and stays in cache; and it
 bounds the extra memory of a step.
+
+Precision: a clipped sum of 16-bit values is accumulated in float32
+(``accumulation_dtype``). Summed in 16 bits, the sum's own rounding (relative ``2^-8`` for
+bfloat16, on a value up to ``B·C`` long when the samples' gradients are aligned) would let
+one sample move it by several ``C``; and a factor rounded to 16 bits before it is applied
+can make a clipped contribution ``C·(1 + 2^-9)`` long. So the factors (float32, from
+float32 norms) are applied to the 16-bit per-sample values in float32 and the products
+summed in float32: ``scale_smaller``, ``weighted_sum`` and each rule's ``clipped_sum``.
+For float32 and float64 values nothing is converted or copied.
 """
 
 from __future__ import annotations
@@ -18,6 +27,9 @@ from typing import TypeVar
 import torch
 
 Out = TypeVar("Out", torch.Tensor, dict[str, torch.Tensor])
+
+HALF = (torch.float16, torch.bfloat16)
+"""The 16-bit floating dtypes, whose clipped sums are accumulated in float32."""
 
 CHUNK_ELEMENTS = 1 << 19
 """Largest intermediate per chunk on the CPU, in elements (2 MiB of float32)."""
@@ -90,8 +102,16 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
     in TF32 on a GPU. Half precision is accumulated in float32.
     """
     rows = x.reshape(x.shape[0], math.prod(x.shape[1:]))
-    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+    dtype = torch.float32 if x.dtype in HALF else None
     return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).square()
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a clipped sum of ``dtype`` values is accumulated in: float32 for 16 bits.
+
+    Every other dtype is its own (no conversion, no copy for float32 and float64).
+    """
+    return torch.float32 if dtype in HALF else dtype
 
 
 def scale_smaller(
@@ -103,9 +123,37 @@ def scale_smaller(
     the ordinary weight gradient of either scaled pair; scaling the smaller one copies
     less (a language-model head's ``G`` is vocabulary-wide, a first conv's ``A`` is small).
 
+    Both come back in ``accumulation_dtype``: for 16-bit ``A`` and ``G``, the product
+    ``f_i · x`` is taken in float32 (the factor is not rounded to 16 bits) and the other
+    one is widened exactly, so that the weight-gradient kernel they go to accumulates in
+    float32. Float32 and float64 tensors are used as they are.
+
     Returns:
         ``(A', G')`` with exactly one of them scaled.
     """
+    wide = accumulation_dtype(G.dtype)
+    f = factors.to(wide)
     if A.numel() < G.numel():
-        return A * factors.to(A.dtype).view(-1, *([1] * (A.dim() - 1))), G
-    return A, G * factors.to(G.dtype).view(-1, *([1] * (G.dim() - 1)))
+        return A * f.view(-1, *([1] * (A.dim() - 1))), G.to(wide)
+    return A.to(wide), G * f.view(-1, *([1] * (G.dim() - 1)))
+
+
+def weighted_sum(factors: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """``Σ_i f_i g_i`` for ``factors (B,)`` and materialised ``grads (B, *shape)``: ``shape``.
+
+    Float32 and float64 gradients: one ``tensordot`` (the factors in the gradients' dtype).
+    16-bit gradients: the factors (float32) are applied in float32 and the products summed
+    in float32 (the result is float32), a chunk of samples widened at a time
+    (``chunk_size``), so no float32 copy of all ``B`` per-sample gradients is made.
+    """
+    wide = accumulation_dtype(grads.dtype)
+    if wide == grads.dtype:
+        return torch.tensordot(factors.to(grads.dtype), grads, dims=1)
+    B, f = grads.shape[0], factors.to(wide)
+    rows = grads.reshape(B, math.prod(grads.shape[1:]))  # B may be 0
+    out = torch.zeros(rows.shape[1], dtype=wide, device=grads.device)
+    step = chunk_size(B, rows.shape[1], grads.device)
+    for start in range(0, B, step):
+        s = slice(start, min(start + step, B))
+        out.addmv_(rows[s].T.to(wide), f[s])
+    return out.view(grads.shape[1:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from privgrad.per_sample.chunks import accumulation_dtype
 from privgrad.per_sample.registry import LayerRule, register
 
 
@@ -42,10 +43,16 @@ def squared_norms(
 def clipped_sum(
     module: nn.Embedding, A: torch.Tensor, G: torch.Tensor, factors: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """``sum_i f_i g_i`` by one scatter-add of the scaled rows: ``{"weight": (V, D)}``."""
+    """``sum_i f_i g_i`` by one scatter-add of the scaled rows: ``{"weight": (V, D)}``.
+
+    16-bit rows are scaled by the (float32) factors in float32 and added up in float32,
+    and the sum is float32 (``chunks.accumulation_dtype``); float32 and float64 rows are
+    not converted.
+    """
     idx, rows = _rows(module, A, G)
-    scaled = rows * factors["weight"].to(rows.dtype).view(-1, 1, 1)
-    out = rows.new_zeros(module.num_embeddings, module.embedding_dim)
+    wide = accumulation_dtype(rows.dtype)
+    scaled = rows * factors["weight"].to(wide).view(-1, 1, 1)  # float32 for 16-bit rows
+    out = rows.new_zeros(module.num_embeddings, module.embedding_dim, dtype=wide)
     out.index_add_(0, idx.reshape(-1), scaled.reshape(-1, rows.shape[-1]))
     return {"weight": out}
 

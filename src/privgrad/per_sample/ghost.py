@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from privgrad.per_sample.batch import LayerIO
+from privgrad.per_sample.chunks import HALF
 
 DENSE_ELEMENTS = 1 << 21
 """Per-sample gradients of at most this many elements (``B`` × the call's parameters,
@@ -79,7 +80,9 @@ def squared_norms(
     """``{param name: (B,)}`` squared per-sample norms of the ghost calls' parameters.
 
     Half-precision inputs are upcast to float32 first: a sum of squares over a whole
-    gradient overflows or loses most of its digits when accumulated in 16 bits.
+    gradient overflows or loses most of its digits when accumulated in 16 bits, and a
+    norm rounded down to 16 bits would give a factor whose clipped contribution exceeds
+    ``C`` by up to ``2^-8`` relative. The norms (and so the factors) are float32.
     """
     out = {}
     for io in ios:
@@ -96,6 +99,11 @@ def clipped_sums(
     ios: list[LayerIO], names: dict[int, str], factors: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """``{param name: p.shape}`` = ``sum_i f_i g_i`` for the ghost calls' parameters.
+
+    Each rule takes the call's own ``A`` and ``G`` and returns its sums in
+    ``chunks.accumulation_dtype``: float32 for a 16-bit call (the factors applied and the
+    products summed in float32, converting only what the rule's kernel needs), the call's
+    dtype otherwise.
 
     Args:
         ios: Ghost calls.
@@ -114,4 +122,4 @@ def clipped_sums(
 
 
 def _upcast_half(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return t.float() if t.dtype in HALF else t

@@ -15,12 +15,14 @@ def _flat(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return A.reshape(B, -1, A.shape[-1]), G.reshape(B, -1, G.shape[-1])
 
 
-def _bias_grads(G3: torch.Tensor) -> torch.Tensor:
+def _bias_grads(G3: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``(B, p)`` per-sample bias gradients of ``G3 (B, T, p)``: a view when ``T = 1``.
 
     On single vectors (an MLP) a sum over one position would copy ``G`` for nothing.
+    ``dtype``: the result's (the sum over positions accumulated in it), default ``G3``'s.
     """
-    return G3[:, 0] if G3.shape[1] == 1 else G3.sum(dim=1)
+    dtype = G3.dtype if dtype is None else dtype
+    return G3[:, 0].to(dtype) if G3.shape[1] == 1 else G3.sum(dim=1, dtype=dtype)
 
 
 def per_sample_grads(
@@ -100,7 +102,10 @@ def clipped_sum(
     """``sum_i f_i g_i`` as the matmul ``(f ⊙ G)ᵀ A`` over all samples and positions.
 
     The factor scales the smaller of ``A`` and ``G`` (``chunks.scale_smaller``), on the
-    CPU a chunk of samples at a time (``_weighted_weight_grad``).
+    CPU a chunk of samples at a time (``_weighted_weight_grad``). For 16-bit ``A`` and
+    ``G`` the scaled and the unscaled operand are float32 (exact widening, the factor
+    applied in float32) and the matmul accumulates in float32; the sums are float32
+    (``chunks.accumulation_dtype``). Float32 and float64 calls are not converted.
 
     Args:
         module: The layer.
@@ -117,7 +122,8 @@ def clipped_sum(
     if "weight" in factors:
         out["weight"] = _weighted_weight_grad(A3, G3, factors["weight"])
     if "bias" in factors:
-        out["bias"] = factors["bias"].to(G3.dtype) @ _bias_grads(G3)
+        wide = chunks.accumulation_dtype(G3.dtype)
+        out["bias"] = factors["bias"].to(wide) @ _bias_grads(G3, wide)
     return out
 
 
@@ -138,6 +144,10 @@ def _weighted_weight_grad(A3: torch.Tensor, G3: torch.Tensor, f: torch.Tensor) -
     (``addmm_``). A scaled copy of the whole ``A`` or ``G`` is as large as the layer's
     activations; in an MLP at B = 256 it was the step's peak memory, above the gradients
     and the recorded inputs and output gradients. On other devices, one matmul.
+
+    16-bit inputs: each chunk's two operands are float32 (``chunks.scale_smaller``), so
+    the products and their sum are float32: two float32 copies of a chunk rather than
+    one 16-bit copy, the price of a clipped sum that one sample moves by at most ``C``.
     """
     B, T = A3.shape[0], A3.shape[1]
     per_sample = T * min(A3.shape[2], G3.shape[2])
@@ -154,7 +164,7 @@ def _weighted_weight_grad(A3: torch.Tensor, G3: torch.Tensor, f: torch.Tensor) -
             out.addmm_(left, right)
         del A3s, G3s, left, right  # one chunk's scaled copy at a time
     if out is None:  # no samples
-        return G3.new_zeros(G3.shape[2], A3.shape[2])
+        return G3.new_zeros(G3.shape[2], A3.shape[2], dtype=chunks.accumulation_dtype(G3.dtype))
     return out
 
 

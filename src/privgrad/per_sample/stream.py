@@ -129,8 +129,9 @@ def run(
         grads = {a: g for a, g in grads.items() if a in params}
         chunk_sq = {a: chunks.squared_norms(g) for a, g in grads.items()}
         factors = factors_for(s, chunk_sq)
-        for a, g in grads.items():
-            rows, f = g.reshape(g.shape[0], -1).T, factors[a].to(g.dtype)
+        for a, g in grads.items():  # 16-bit gradients (not streamed today) add in float32
+            wide = chunks.accumulation_dtype(g.dtype)
+            rows, f = g.reshape(g.shape[0], -1).T.to(wide), factors[a].to(wide)
             if a in sums:
                 sums[a].addmv_(rows, f)
             else:
