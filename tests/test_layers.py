@@ -185,6 +185,46 @@ def test_fallback_recurrent(cell, batch_first):
     check(RNN(cell, batch_first), x, batch_dim=0 if batch_first else 1)
 
 
+class UnrolledCell(nn.Module):
+    """``nn.LSTMCell`` over time: each call returns ``(h, c)`` with ``h`` computed from ``c``."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.LSTMCell(3, 4)
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return torch.cat(state, 1)
+
+
+@pytest.mark.parametrize("mode", ["auto", "vmap"])
+def test_fallback_lstm_cell_whose_outputs_depend_on_each_other(mode):
+    check(UnrolledCell(), torch.randn(3, 4, 3), mode)
+
+
+class KeywordMHA(nn.Module):
+    """Sequence-first attention called with keywords and a per-sample padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2)
+
+    def forward(self, x):
+        mask = x[..., 0].T > 0.5  # (B, T): differs between samples, read from the sample
+        mask[:, 0] = False  # never every key of a sample
+        out = self.attn(query=x, key=x, value=x, key_padding_mask=mask, need_weights=False)[0]
+        return out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("T", [2, 5])
+def test_fallback_sequence_first_attention_called_with_keywords(T):
+    """Batch on dim 1 of query/key/value but dim 0 of key_padding_mask (T == B, which the
+    self-check's input-mixing test refuses, is in test_per_sample_exactness.py)."""
+    check(KeywordMHA(), torch.randn(T, 3, 4), batch_dim=1)
+
+
 def test_fallback_conv_transpose():
     check(nn.Sequential(nn.ConvTranspose2d(2, 3, 3, stride=2), nn.Tanh()), torch.randn(3, 2, 4, 4))
 

@@ -2,9 +2,16 @@
 
 ``output_grads`` runs the one backward pass privgrad needs: the gradient of the summed
 per-sample losses with respect to each recorded layer output (never the ordinary weight
-gradients). ``per_sample_grads`` turns those into per-sample parameter gradients, using
-each unit's rule or the functional fallback, and sums the contributions of tied
-parameters and of modules called several times.
+gradients), preceded, on a batch layout not seen before, by one pass with weighted losses
+that verifies which axis of each output is the batch (``layout``). ``per_sample_grads``
+turns those into per-sample parameter gradients, using each unit's rule or the functional
+fallback, and sums the contributions of tied parameters and of modules called several
+times.
+
+A call's outputs may be computed from one another (``nn.LSTMCell``'s ``h`` from ``c``, a
+module returning ``(y, f(y))`` or ``(y, y)``): the gradient at each is autograd's total,
+so the same tensor returned twice keeps one gradient, and the outputs others are computed
+from are marked (``LayerIO.sources``) for the functional re-run to count each path once.
 """
 
 from __future__ import annotations
@@ -13,9 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
+from torch.autograd.graph import GradientEdge
 
 from privgrad.errors import InvalidLossError
-from privgrad.per_sample import functional
+from privgrad.per_sample import functional, layout
 from privgrad.per_sample.capture import Call
 
 
@@ -25,13 +33,21 @@ class LayerIO:
 
     Attributes:
         call: The call (inputs ``A`` and output shapes).
-        grads: One entry per output leaf: ``G``, or ``None`` if it did not reach the loss.
+        grads: One entry per output leaf: ``G``, or ``None`` if it did not reach the loss
+            (or repeats an earlier leaf's tensor: one value, counted once).
         half: Whether the layer ran in 16-bit precision (e.g. under ``torch.autocast``).
+        batch_dims: Per output leaf, the axes along which the losses see it per sample
+            (``layout.valid_dims``); ``None`` for one sample.
+        sources: Output leaves that other outputs of the same call are computed from
+            (``c`` of ``nn.LSTMCell``, whose ``h = o·tanh(c)``); their ``G`` includes the
+            paths through those outputs (``functional`` accounts for it).
     """
 
     call: Call
     grads: list[torch.Tensor | None]
     half: bool = False
+    batch_dims: layout.Dims | None = None
+    sources: frozenset[int] = frozenset()
 
     @property
     def A(self) -> torch.Tensor:
@@ -44,29 +60,144 @@ class LayerIO:
         return self.grads[0]
 
 
-def output_grads(losses: torch.Tensor, calls: list[Call]) -> list[LayerIO]:
-    """Gradient of ``losses.sum()`` at every recorded output.
+def output_grads(
+    losses: torch.Tensor, calls: list[Call], verified: layout.Verified | None = None
+) -> list[LayerIO]:
+    """Gradient of ``losses.sum()`` at every recorded output, with the batch axes checked.
+
+    On a batch whose layout ``verified`` has not seen, one more backward pass with a
+    distinct weight per loss comes first (``layout``): it refuses a rule call whose rows
+    are not its samples and gives the functional fallback the axes it may split along.
+    The pass for ``G`` comes last and frees the graph, as the one pass did before.
 
     Args:
         losses: Per-sample losses, shape ``(B,)``.
         calls: Recorded calls; those not connected to ``losses`` are dropped.
+        verified: The layouts already checked (an engine's own); ``None`` checks every call.
 
     Returns:
         One ``LayerIO`` per call that reached the loss, in call order.
+
+    Raises:
+        UnsupportedModelError: A rule call's dim 0 is not the batch (names the module).
     """
-    flat = [(c, k, e) for c in calls for k, e in enumerate(c.edges) if e is not None]
+    B = losses.shape[0]
+    verified = layout.Verified() if verified is None else verified
+    leaves = {id(c): _distinct_edges(c) for c in calls}
+    flat = [(c, k, e) for c in calls for k, e in leaves[id(c)]]
     if not flat:
         return []
+    keys = {id(c): layout.layout_key(c, B) for c in calls} if B > 1 else {}
+    unchecked = [c for c in calls if B > 1 and verified.get(keys[id(c)]) is None]
+    weighted = torch.autograd.grad(
+        losses, [e for _, _, e in flat], grad_outputs=layout.sample_weights(B, losses),
+        retain_graph=True, allow_unused=True) if unchecked else ()
     grads = torch.autograd.grad(losses.sum(), [e for _, _, e in flat], allow_unused=True)
     per_call: dict[int, list[torch.Tensor | None]] = {}
-    for (c, k, _), g in zip(flat, grads, strict=True):
+    gw: dict[int, dict[int, torch.Tensor | None]] = {}
+    for n, ((c, k, _), g) in enumerate(zip(flat, grads, strict=True)):
         per_call.setdefault(id(c), [None] * len(c.edges))[k] = g
+        if weighted:
+            gw.setdefault(id(c), {})[k] = weighted[n]
+    fresh = _check_layouts(losses, unchecked, per_call, gw, keys, verified) if unchecked else {}
     out = []
     for c in calls:
         gs = per_call.get(id(c))
         if gs is not None and any(g is not None for g in gs):
-            out.append(_common_dtype(c, gs) if c.unit.rule is not None else LayerIO(c, gs))
+            dims = fresh.get(id(c)) or (verified.get(keys[id(c)]) if B > 1 else None)
+            if c.unit.rule is not None:
+                out.append(replace(_common_dtype(c, gs), batch_dims=dims))
+            else:
+                out.append(LayerIO(c, gs, batch_dims=dims, sources=_sources(leaves[id(c)])))
     return out
+
+
+def _distinct_edges(call: Call) -> list[tuple[int, GradientEdge]]:
+    """``(leaf index, edge)`` of the outputs that carry a gradient, each edge once.
+
+    A module returning the same tensor twice (``(y, y)``) has one output value: were both
+    leaves given the gradient at it, the functional re-run would count it twice.
+    """
+    seen: set[tuple[object, int]] = set()
+    out = []
+    for k, e in enumerate(call.edges):
+        if e is not None and (e.node, e.output_nr) not in seen:
+            seen.add((e.node, e.output_nr))
+            out.append((k, e))
+    return out
+
+
+def _sources(leaves: list[tuple[int, GradientEdge]]) -> frozenset[int]:
+    """The output leaves of one call that another of its outputs is computed from.
+
+    Autograd's gradient at such a leaf ``k`` is total: it includes the paths through the
+    outputs computed from it (``dL/dc`` of ``nn.LSTMCell`` includes the path through
+    ``h = o·tanh(c)``), which the functional re-run would count again when it
+    differentiates ``⟨h, G_h⟩``. Found by walking the graph back from each output; a node
+    created before the earliest output looked for cannot lie on a path to it (autograd
+    numbers nodes in creation order), so the walk stays inside the module's forward.
+    """
+    if len(leaves) < 2:
+        return frozenset()
+    seq = {k: e.node._sequence_nr() for k, e in leaves}
+    found: set[int] = set()
+    for j, e in leaves:
+        targets = {(t.node, t.output_nr): k for k, t in leaves
+                   if k != j and k not in found and seq[k] <= seq[j]}
+        if targets:
+            found |= _reached(e.node, targets, min(seq[k] for k in targets.values()))
+    return frozenset(found)
+
+
+def _reached(start: object, targets: dict[tuple[object, int], int], floor: int) -> set[int]:
+    """The ``targets`` values whose edge some path from ``start`` goes through."""
+    hit: set[int] = set()
+    seen, stack = {start}, [start]
+    while stack:
+        for nxt, nr in stack.pop().next_functions:
+            if nxt is None:
+                continue
+            k = targets.get((nxt, nr))
+            if k is not None:
+                hit.add(k)
+            if nxt not in seen and nxt._sequence_nr() >= floor:
+                seen.add(nxt)
+                stack.append(nxt)
+    return hit
+
+
+def _check_layouts(
+    losses: torch.Tensor,
+    calls: list[Call],
+    per_call: dict[int, list[torch.Tensor | None]],
+    weighted: dict[int, dict[int, torch.Tensor | None]],
+    keys: dict[int, object],
+    verified: layout.Verified,
+) -> dict[int, layout.Dims]:
+    """Valid batch axes of each call's outputs, from the weighted-loss gradients.
+
+    Refuses a rule call whose dim 0 is not valid; records informative results in
+    ``verified``. Returns ``{id(call): dims}`` for the calls checked.
+    """
+    B = losses.shape[0]
+    w = layout.sample_weights(B, losses)
+    fresh: dict[int, layout.Dims] = {}
+    for c in calls:
+        gs, gw = per_call.get(id(c)), weighted.get(id(c), {})
+        if gs is None or not any(g is not None for g in gs):
+            continue
+        half = any(g is not None and g.dtype in _HALF for g in gs) or (
+            c.unit.rule is not None and c.args[0].dtype in _HALF)
+        dims = tuple(
+            None if gs[k] is None or gw.get(k) is None
+            else layout.valid_dims(gs[k], gw[k], w, B, half)
+            for k in range(len(gs)))
+        if c.unit.rule is not None:
+            layout.check_rule_call(c, dims, B)
+        fresh[id(c)] = dims
+        if layout.informative(gs):
+            verified.add(keys[id(c)], dims)
+    return fresh
 
 
 def _common_dtype(call: Call, grads: list[torch.Tensor | None]) -> LayerIO:
@@ -145,7 +276,8 @@ def per_sample_grads(
             at_step = None if snapshot is None else {
                 rel: snapshot.get(id(p), p) for rel, p in unit.params.items()
             }
-            grads = functional.per_sample_grads(io.call, io.grads, batch_size, samples, at_step)
+            grads = functional.per_sample_grads(io.call, io.grads, batch_size, samples, at_step,
+                                                io.batch_dims, io.sources)
         for rel, g in grads.items():
             p = unit.params.get(rel)
             if p is None or not p.requires_grad:

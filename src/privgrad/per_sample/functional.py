@@ -9,135 +9,40 @@ per-sample backward passes — slow but exact.
 This is valid only for modules that treat samples independently: validate.py rejects
 the known sample-mixing layers, and ``DPEngine``'s first-step self-check catches others.
 
-Which inputs carry the batch: an input whose batch axis does not have size ``B`` is shared
-by all samples. When several inputs do have size ``B`` there (``q, k, v`` of attention, or
-a ``(T, D)`` position table with ``T == B``), the split is confirmed once per module by
-running samples alone and comparing with the batched forward; a shared input is never
-sliced by accident.
+The re-run calls the module's ``forward`` itself, not ``module(...)``: the recorded inputs
+are those the forward received (after the forward pre-hooks) and the recorded outputs are
+the forward's own (capture records before any other forward hook), so running the hooks
+again would apply them twice. Outputs that other outputs of the call are computed from
+(``batch.LayerIO.sources``) get exactly their recorded gradient (``_gradient_is``).
+
+Which inputs carry the batch: the module's convention for the argument (``batch_first``;
+``query``/``key``/``value`` versus ``key_padding_mask`` of attention; an RNN's ``hx``), and
+an input whose batch axis does not have size ``B`` is shared by all samples. When several
+inputs do have size ``B`` there (``q, k, v`` of attention, or a ``(T, D)`` position table
+with ``T == B``), the split is confirmed once per module by running samples alone and
+comparing with the batched forward; a shared input is never sliced by accident. Which
+axis of each output is the batch is checked against the losses (``layout``): an output
+split along another axis, or without a batch axis but carrying a parameter gradient, is
+refused.
 """
 
 from __future__ import annotations
 
-import itertools
 import warnings
-import weakref
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
+from torch.nn.modules.module import _global_forward_pre_hooks
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from privgrad.errors import InvalidLossError, UnsupportedModelError
+from privgrad.per_sample import layout
+from privgrad.per_sample.axes import forward, input_batch_dims, narrow, output_batch_dims
 from privgrad.per_sample.capture import Call, suspended
 
 _WARNED: set[type] = set()
-_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[set, set[int]]]] = (
-    weakref.WeakKeyDictionary()
-)  # module -> {input signature: ({(leaf, shape) known shared}, {leaf known per-sample})}
-
-
-def _candidate_dims(module: nn.Module, call: Call, leaves: list[Any], B: int) -> list[int | None]:
-    """Batch axis of each input leaf by shape (``None``: certainly shared by all samples)."""
-    first = 1 if getattr(module, "batch_first", True) is False else 0
-    dims: list[int | None] = []
-    n_pos = len(tree_flatten(call.args)[0])
-    is_rnn = isinstance(module, nn.RNNBase)
-    for k, x in enumerate(leaves):
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            dims.append(None)
-            continue
-        hidden = is_rnn and 0 < k < n_pos  # hx / (h0, c0): (layers, B, H)
-        seq_first = k < n_pos and first == 1 and x.dim() == 3  # (T, B, E)
-        d = 1 if hidden or seq_first else 0
-        dims.append(d if x.dim() > d and x.shape[d] == B else None)
-    return dims
-
-
-def _signature(leaves: list[Any]) -> tuple:
-    return tuple(x.dim() if isinstance(x, torch.Tensor) else None for x in leaves)
-
-
-def _input_batch_dims(
-    module: nn.Module, params: dict, call: Call, leaves: list[Any], spec: Any, B: int
-) -> list[int | None]:
-    """Batch axis of each input leaf; ambiguous leaves are resolved by a probe."""
-    dims = _candidate_dims(module, call, leaves, B)
-    shared, batched = _KNOWN.setdefault(module, {}).setdefault(_signature(leaves), (set(), set()))
-    dims = [None if (k, _shape(leaves[k])) in shared else d for k, d in enumerate(dims)]
-    cands = [k for k, d in enumerate(dims) if d is not None]
-    unknown = [k for k in cands if k not in batched]
-    if B > 1 and len(cands) > 1 and unknown:
-        found = _probe_shared(module, params, leaves, dims, unknown, spec, B)
-        shared.update((k, _shape(leaves[k])) for k in found)
-        batched.update(k for k in cands if k not in found)
-        dims = [None if k in found else d for k, d in enumerate(dims)]
-    return dims
-
-
-def _shape(x: Any) -> tuple | None:
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else None
-
-
-def _probe_shared(
-    module: nn.Module, params: dict, leaves: list[Any], dims: list[int | None],
-    unknown: list[int], spec: Any, B: int,
-) -> frozenset[int]:
-    """The smallest set of ``unknown`` leaves that must be shared for the forward to split."""
-    n_cands = sum(d is not None for d in dims)
-    with torch.no_grad(), suspended():
-        args, kwargs = tree_unflatten(leaves, spec)
-        full = tree_flatten(functional_call(module, params, args, kwargs))[0]
-        subsets = itertools.chain.from_iterable(
-            itertools.combinations(unknown, r) for r in range(min(len(unknown), 3) + 1)
-        )
-        for subset in subsets:
-            if len(subset) == n_cands:
-                continue  # at least one input must be per-sample
-            trial = [None if k in subset else d for k, d in enumerate(dims)]
-            if all(_splits(module, params, leaves, trial, spec, full, B, i) for i in (0, B - 1)):
-                return frozenset(subset)
-    raise UnsupportedModelError(
-        f"privgrad: cannot tell which inputs of {type(module).__name__} are per-sample: "
-        "running a sample alone does not reproduce the batched output for any choice of "
-        f"shared inputs (input leaves {unknown} have the batch size {B} on their batch "
-        "axis). Either the module mixes samples (not allowed in DP-SGD) or it is "
-        "nondeterministic. Fix: make it per-sample and deterministic, or register a "
-        "per-sample rule for it (privgrad.per_sample.registry)."
-    )
-
-
-def _splits(
-    module: nn.Module, params: dict, leaves: list[Any], dims: list[int | None], spec: Any,
-    full: list[Any], B: int, i: int,
-) -> bool:
-    """Whether running sample ``i`` alone under ``dims`` matches the batched outputs."""
-    try:
-        args, kwargs = tree_unflatten(_narrow(leaves, dims, i), spec)
-        one = tree_flatten(functional_call(module, params, args, kwargs))[0]
-    except (RuntimeError, ValueError, IndexError, AssertionError):
-        return False
-    for f, o in zip(full, one, strict=True):
-        if not isinstance(f, torch.Tensor) or f.dim() == 0:
-            continue
-        d = next((k for k, (a, b) in enumerate(zip(f.shape, o.shape, strict=False))
-                  if a == B and b == 1), None)
-        if d is None or f.dim() != o.dim():
-            return False
-        ref = f.narrow(d, i, 1)
-        if ref.shape != o.shape or not ref.is_floating_point():
-            if not torch.equal(ref, o):
-                return False
-            continue
-        tol = 1e-3 if ref.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-7
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
-        if not torch.allclose(ref, o, rtol=tol, atol=tol * max(scale, 1e-6)):
-            return False
-    return True
-
-
-def _narrow(leaves: list[Any], dims: list[int | None], i: int) -> list[Any]:
-    return [x if d is None else x.narrow(d, i, 1) for x, d in zip(leaves, dims, strict=True)]
 
 
 def _check_no_randomness(path: str, module: nn.Module) -> None:
@@ -156,32 +61,14 @@ def _check_no_randomness(path: str, module: nn.Module) -> None:
             )
 
 
-def _output_batch_dims(
-    module: nn.Module, params: dict, in_leaves: list, in_dims: list, spec: Any,
-    out_shapes: list[torch.Size | None], B: int,
-) -> list[int | None]:
-    """Finds each output's batch axis by running the module on sample 0 alone."""
-    args, kwargs = tree_unflatten(_narrow(in_leaves, in_dims, 0), spec)
-    with torch.no_grad(), suspended():
-        probe = tree_flatten(functional_call(module, params, args, kwargs))[0]
-    dims: list[int | None] = []
-    for full, one in zip(out_shapes, probe, strict=True):
-        d = None
-        if full is not None and len(full) > 0:
-            for k, (a, b) in enumerate(zip(full, one.shape, strict=True)):
-                if a == B and b == 1:
-                    d = k
-                    break
-        dims.append(d)
-    return dims
-
-
 def per_sample_grads(
     call: Call,
     grad_outputs: list[torch.Tensor | None],
     batch_size: int,
     samples: torch.Tensor | None = None,
     params: dict[str, torch.Tensor] | None = None,
+    batch_dims: layout.Dims | None = None,
+    sources: frozenset[int] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """Per-sample gradients of every parameter claimed by a functional unit.
 
@@ -193,9 +80,18 @@ def per_sample_grads(
         samples: Optional indices, shape ``(k,)``: only those samples are computed.
         params: The parameter values the call ran with, by name relative to the module
             (default: the module's current parameters).
+        batch_dims: Per output leaf, the axes along which the losses see it per sample
+            (``layout.valid_dims``); an output read along another axis is refused.
+            ``None``: not checked (one sample).
+        sources: Output leaves that other outputs of the call are computed from; their
+            ``grad_outputs`` are autograd's totals (``batch.LayerIO.sources``).
 
     Returns:
         ``{name relative to the module: (B or k, *param.shape)}``.
+
+    Raises:
+        UnsupportedModelError: An output would be split along an axis the losses do not
+            see per sample, or has no batch axis but carries a parameter gradient.
     """
     unit, module = call.unit, call.unit.module
     _check_no_randomness(unit.path or "<model>", module)
@@ -204,12 +100,13 @@ def per_sample_grads(
     in_leaves, spec = tree_flatten((call.args, call.kwargs))
     B = batch_size
     used_all = [k for k, g in enumerate(grad_outputs) if g is not None]
+    _check_pre_hooks(call, params, in_leaves, spec, grad_outputs, used_all)
     if B == 1:  # the call's whole gradient is sample 0's: no batch axis needed
         with suspended():
-            one = _whole(module, params, in_leaves, spec, grad_outputs, used_all)
+            one = _whole(module, params, in_leaves, spec, grad_outputs, used_all, sources)
         k = 1 if samples is None else len(samples)
         return {n: g.expand(k, *g.shape[1:]).clone() for n, g in one.items()}
-    in_dims = _input_batch_dims(module, params, call, in_leaves, spec, B)
+    in_dims = input_batch_dims(module, params, call, in_leaves, spec, B)
     if all(d is None for d in in_dims):
         raise InvalidLossError(
             f"privgrad: no input of module '{unit.path}' ({type(module).__name__}) has the "
@@ -217,7 +114,8 @@ def per_sample_grads(
             "sample, shape (B,), e.g. reduce a (T, B) loss of a sequence-first model with "
             "losses.sum(0)."
         )
-    out_dims = _output_batch_dims(module, params, in_leaves, in_dims, spec, call.out_shapes, B)
+    out_dims = output_batch_dims(module, params, in_leaves, in_dims, spec, call.out_shapes, B)
+    _check_output_dims(call, params, in_leaves, spec, grad_outputs, out_dims, batch_dims, B)
     used = [
         k for k, (g, d) in enumerate(zip(grad_outputs, out_dims, strict=True))
         if g is not None and d is not None
@@ -233,7 +131,8 @@ def per_sample_grads(
         return {n: p.new_zeros(0, *p.shape) for n, p in params.items()}
     with suspended():
         try:
-            return _vmapped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, used)
+            return _vmapped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims,
+                            used, sources)
         except (RuntimeError, ValueError, NotImplementedError) as e:
             if type(module) not in _WARNED:
                 _WARNED.add(type(module))
@@ -244,10 +143,103 @@ def per_sample_grads(
                     stacklevel=3,
                 )
             return _looped(module, params, in_leaves, in_dims, spec, grad_outputs,
-                           out_dims, used, B)
+                           out_dims, used, B, sources)
 
 
-def _vmapped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, used):  # noqa: ANN001, ANN202
+def _user_pre_hooks(module: nn.Module) -> list[Any]:
+    """The forward pre-hooks that run before ``module.forward`` other than privgrad's own."""
+    hooks = [*_global_forward_pre_hooks.values(), *module._forward_pre_hooks.values()]
+    return [h for h in hooks if not getattr(h, "__module__", "").startswith("privgrad.")]
+
+
+def _check_pre_hooks(
+    call: Call, params: dict, in_leaves: list, spec: Any, grad_outputs: list, used: list[int]
+) -> None:
+    """Refuses a pre-hook that computes what the forward uses from claimed parameters.
+
+    The re-run calls ``forward`` with the inputs the pre-hooks produced, without running
+    them again (an input transform would apply twice). A pre-hook that sets a tensor from
+    parameters (``torch.nn.utils.weight_norm``'s ``weight`` from ``weight_g``/``weight_v``)
+    is then not reproduced, and the parameters it reads would get zero per-sample
+    gradients: found by one whole-batch re-run (only for modules with such hooks).
+    """
+    module = call.unit.module
+    hooks = _user_pre_hooks(module)
+    if not hooks or not used:
+        return
+    names = list(params)
+    leaf = {n: p.detach().requires_grad_() for n, p in params.items()}
+    args, kwargs = tree_unflatten(in_leaves, spec)
+    with suspended(), torch.enable_grad():
+        outs = tree_flatten(forward(module, leaf, args, kwargs))[0]
+        pairs = [(outs[k], grad_outputs[k]) for k in used
+                 if isinstance(outs[k], torch.Tensor) and outs[k].requires_grad]
+        grads = torch.autograd.grad([o for o, _ in pairs], [leaf[n] for n in names],
+                                    [g for _, g in pairs], allow_unused=True) if pairs else ()
+    unused = [n for n, g in zip(names, grads, strict=True) if g is None] if pairs else names
+    if unused:
+        unit = call.unit
+        kinds = sorted({getattr(h, "__qualname__", None) or type(h).__name__ for h in hooks})
+        raise UnsupportedModelError(
+            f"privgrad: module '{unit.path}' ({type(module).__name__}) has a forward "
+            f"pre-hook ({', '.join(kinds)}) and its forward does not use the parameter(s) "
+            f"{unused} that it trains: the pre-hook computes what the forward uses from "
+            "them (as torch.nn.utils.weight_norm / spectral_norm do). privgrad re-runs the "
+            "forward per sample without the module's hooks (they ran already: an input "
+            "transform would be applied twice), so these parameters' per-sample gradients "
+            "would be zero. Fix: use the parametrization API, e.g. "
+            "torch.nn.utils.parametrizations.weight_norm(layer), or compute the weight "
+            "inside forward."
+        )
+
+
+def _check_output_dims(
+    call: Call, params: dict, in_leaves: list, spec: Any, grad_outputs: list,
+    out_dims: list[int | None], batch_dims: layout.Dims | None, B: int,
+) -> None:
+    """Refuses an output the re-run would split along the wrong axis, or drop.
+
+    An output with a gradient but no batch axis (a batch mean, an auxiliary loss over the
+    batch) is left out of the re-run; that is exact only if no claimed parameter's
+    gradient flows through it, which one whole-batch backward pass of that output tells.
+    """
+    unit = call.unit
+    for k, (g, d) in enumerate(zip(grad_outputs, out_dims, strict=True)):
+        if g is None:
+            continue
+        if d is not None:
+            if batch_dims is not None:
+                layout.check_functional_dim(call, k, d, batch_dims, B)
+            continue
+        with suspended():
+            through = _whole(unit.module, params, in_leaves, spec, grad_outputs, [k], frozenset())
+        if any(bool((t != 0).any()) for t in through.values()):
+            raise UnsupportedModelError(
+                f"privgrad: output {k} of module '{unit.path}' ({type(unit.module).__name__})"
+                f" has no batch axis (shape {tuple(call.out_shapes[k])}, batch size {B}) but "
+                "reaches the losses and carries a gradient of the module's parameters: that "
+                "gradient is one sum over all samples, which cannot be split into per-sample "
+                "parts, so it would be missing from every sample's gradient and norm. Fix: "
+                "return it per sample, with the batch on one axis (a (B, ...) tensor, not a "
+                "batch mean or a loss over the batch), or compute it outside this module "
+                "from per-sample outputs."
+            )
+
+
+def _gradient_is(out: torch.Tensor, g: torch.Tensor, source: bool) -> None:
+    """Makes the re-run's gradient at a source output exactly its recorded ``G``.
+
+    ``G`` of an output that other outputs of the call are computed from is autograd's
+    total: it already holds the paths through those outputs. In the re-run those paths
+    add their part again at this output; replacing the sum by ``G`` counts each path once
+    (``nn.LSTMCell``: 32% off without it).
+    """
+    if source and out.requires_grad:
+        out.register_hook(lambda _: g)
+
+
+def _vmapped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, used,  # noqa: ANN001, ANN202
+             sources):
     tensor_pos = [k for k, d in enumerate(in_dims) if d is not None]
     g_used = [grad_outputs[k] for k in used]
 
@@ -256,10 +248,12 @@ def _vmapped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, u
         for k, x in zip(tensor_pos, batched, strict=True):
             leaves[k] = x.unsqueeze(in_dims[k])
         args, kwargs = tree_unflatten(leaves, spec)
-        outs = tree_flatten(functional_call(module, p, args, kwargs))[0]
+        outs = tree_flatten(forward(module, p, args, kwargs))[0]
         total = 0.0
         for k, g in zip(used, gs, strict=True):
-            total = total + (outs[k] * g.unsqueeze(out_dims[k])).sum()
+            g = g.unsqueeze(out_dims[k])
+            _gradient_is(outs[k], g, k in sources)
+            total = total + (outs[k] * g).sum()
         return total
 
     batched = [in_leaves[k] for k in tensor_pos]
@@ -269,13 +263,15 @@ def _vmapped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, u
     )(params, batched, g_used)
 
 
-def _whole(module, params, in_leaves, spec, grad_outputs, used):  # noqa: ANN001, ANN202
+def _whole(module, params, in_leaves, spec, grad_outputs, used, sources):  # noqa: ANN001, ANN202
     """Gradient of the whole call, as the single sample's gradient ``(1, *shape)``."""
     names = list(params)
     leaf_params = {n: p.detach().requires_grad_() for n, p in params.items()}
     args, kwargs = tree_unflatten(in_leaves, spec)
     with torch.enable_grad():
-        outs = tree_flatten(functional_call(module, leaf_params, args, kwargs))[0]
+        outs = tree_flatten(forward(module, leaf_params, args, kwargs))[0]
+        for k in used:
+            _gradient_is(outs[k], grad_outputs[k], k in sources)
         grads = torch.autograd.grad(
             [outs[k] for k in used], [leaf_params[n] for n in names],
             [grad_outputs[k] for k in used], allow_unused=True,
@@ -284,19 +280,20 @@ def _whole(module, params, in_leaves, spec, grad_outputs, used):  # noqa: ANN001
             for n, g in zip(names, grads, strict=True)}
 
 
-def _looped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, used, B):  # noqa: ANN001, ANN202
+def _looped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, used, B,  # noqa: ANN001, ANN202
+            sources):
     names = list(params)
     leaf_params = {n: p.detach().requires_grad_() for n, p in params.items()}
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for i in range(B):
-        args, kwargs = tree_unflatten(_narrow(in_leaves, in_dims, i), spec)
+        args, kwargs = tree_unflatten(narrow(in_leaves, in_dims, i), spec)
         with torch.enable_grad():
-            outs = tree_flatten(functional_call(module, leaf_params, args, kwargs))[0]
+            outs = tree_flatten(forward(module, leaf_params, args, kwargs))[0]
+            gs = [grad_outputs[k].narrow(out_dims[k], i, 1) for k in used]
+            for k, g in zip(used, gs, strict=True):
+                _gradient_is(outs[k], g, k in sources)
             grads = torch.autograd.grad(
-                [outs[k] for k in used],
-                [leaf_params[n] for n in names],
-                [grad_outputs[k].narrow(out_dims[k], i, 1) for k in used],
-                allow_unused=True,
+                [outs[k] for k in used], [leaf_params[n] for n in names], gs, allow_unused=True,
             )
         for n, g in zip(names, grads, strict=True):
             rows[n].append(torch.zeros_like(params[n]) if g is None else g)

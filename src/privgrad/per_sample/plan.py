@@ -1,7 +1,8 @@
 """Which module computes the per-sample gradients of which parameters.
 
 A *unit* is a module whose forward calls are recorded. A module with a registered rule
-(and trainable parameters of its own) is a rule unit. Any other module holding trainable
+(and trainable parameters of its own, all of them ones the rule differentiates) is a rule
+unit. Any other module holding trainable
 parameters directly is a *functional* unit: it claims every trainable parameter of its
 whole subtree, and its per-sample gradients come from re-running its forward with
 ``torch.func`` (so parameters a module uses outside its children's forward, like
@@ -58,7 +59,7 @@ def plan_units(model: nn.Module, use_rules: bool = True) -> list[Unit]:
         if not own:
             continue
         rule = lookup(module) if use_rules else None
-        if rule is not None:
+        if rule is not None and set(own) <= set(rule.param_names):
             units.append(Unit(path, module, rule, own))
         else:
             units.append(Unit(path, module, None, _trainable(module, recurse=True)))

@@ -55,12 +55,17 @@ class LayerRule:
         per_sample_grads: Materialises per-sample gradients.
         squared_norms: Optional cheaper per-sample squared norms (ghost norms).
         clipped_sum: Optional clipped sum without materialisation.
+        param_names: The parameters the formulas differentiate. A module of this type
+            that trains any other parameter of its own (``weight_g``/``weight_v`` of
+            ``torch.nn.utils.weight_norm``, whose hook computes ``weight`` from them) is
+            not this layer as the formulas know it: it goes to the functional path.
     """
 
     module_type: type[nn.Module]
     per_sample_grads: PerSampleGradsFn
     squared_norms: SquaredNormsFn | None = None
     clipped_sum: ClippedSumFn | None = None
+    param_names: tuple[str, ...] = ("weight", "bias")
 
 
 _RULES: dict[type[nn.Module], LayerRule] = {}
