@@ -147,14 +147,18 @@ class Capture:
                 if isinstance(m, nn.Embedding | nn.EmbeddingBag):
                     self._handles.append(m.register_forward_hook(self._make_mark_frozen(path)))
         for unit in units:
+            # Recording runs before the module's other forward hooks (prepend): G is then the
+            # gradient at forward's own output, which the rules and the functional re-run
+            # (forward only) compute; a user's hook returning a new output acts downstream.
+            hook = self._make_hook(unit)
+            self._handles.append(unit.module.register_forward_hook(
+                hook, with_kwargs=True, prepend=True))
             if unit.rule is None:
                 claimed = frozenset(id(p) for p in unit.params.values())
                 self._handles.append(unit.module.register_forward_pre_hook(
                     self._make_enter(claimed)))
-                self._handles.append(unit.module.register_forward_hook(
-                    self._make_exit(), always_call=True))
-            hook = self._make_hook(unit)
-            self._handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
+                self._handles.append(unit.module.register_forward_hook(  # before recording
+                    self._make_exit(), always_call=True, prepend=True))
 
     def _make_enter(self, claimed: frozenset[int]):  # noqa: ANN202
         def enter(module, args):  # noqa: ANN001, ANN202
