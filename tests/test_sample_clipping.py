@@ -139,3 +139,12 @@ def test_normalize_by_on_an_empty_batch_gives_zeros_and_bad_values_are_refused()
         pg.clipped_batch_gradients(model, loss_fn, x, y, max_norm=1.0, normalize_by=0)
     with pytest.raises(ValueError, match="empty batch.*normalize_by"):
         pg.clipped_batch_gradients(model, loss_fn, x[:0], y[:0], max_norm=1.0)
+
+
+def test_a_forward_that_writes_the_model_is_refused():
+    """Embedding(max_norm) renormalises the batch's rows in place: they would leak."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(9, 4, max_norm=0.5), nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randint(0, 9, (5, 3)), torch.randint(0, 3, (5,))
+    with pytest.raises(pg.errors.UnsupportedModelError, match=r"'0'.*weight"):
+        pg.clipped_batch_gradients(model, loss_fn, x, y, max_norm=1.0, normalize_by=5)

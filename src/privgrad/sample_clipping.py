@@ -97,9 +97,10 @@ def clipped_batch_gradients(
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {id(p): n for n, p in model.named_parameters()}
     plan = Flat(math.inf if max_norm is None else max_norm).bind(list(trainable))
-    capture = Capture(plan_units(model, use_rules=mode != "vmap"))
+    capture = Capture(plan_units(model, use_rules=mode != "vmap"), root=model)
     try:
         losses = guards.check_losses(loss_fn(model(inputs), targets))
+        guards.check_forward_writes(capture.take_writes())  # nothing learnt outside the sum
         calls = capture.take()
         B = losses.shape[0]
         if B == 0 and normalize_by is None:
