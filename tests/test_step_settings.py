@@ -74,15 +74,20 @@ def test_rules_take_a_new_threshold_or_say_how():
     model, engine = make(max_grad_norm=None, clipping=pg.clipping.Automatic(1.0))
     engine.max_grad_norm = 0.5
     assert engine.clipping == pg.clipping.Automatic(0.5) and engine.noise_std == 0.5
-    model, engine = make(max_grad_norm=None, clipping=pg.clipping.PerLayer(1.0))
-    engine.max_grad_norm = 2.0  # one float: every parameter's threshold
-    assert engine.max_grad_norm == pytest.approx(2.0 * math.sqrt(2))
-    model, engine = make(max_grad_norm=None,
-                         clipping=pg.clipping.PerLayer({"weight": 1.0, "bias": 0.5}))
-    with pytest.raises(ValueError, match=r"engine.clipping = pg.clipping.PerLayer"):
-        engine.max_grad_norm = 2.0
+    for rule in (pg.clipping.PerLayer(1.0), pg.clipping.PerLayer({"weight": 1.0, "bias": 0.5})):
+        model, engine = make(max_grad_norm=None, clipping=rule)
+        with pytest.raises(ValueError, match=r"engine.clipping = pg.clipping.PerLayer"):
+            engine.max_grad_norm = engine.max_grad_norm  # the total: not a group's threshold
+        assert engine.clipping == rule
     engine.clipping = pg.clipping.PerLayer({"weight": 3.0, "bias": 4.0})
     assert engine.max_grad_norm == pytest.approx(5.0)
+    engine.backward(losses(model))
+    model.zero_grad()
+    _, fresh = make(max_grad_norm=None, clipping=pg.clipping.PerLayer(1.0))
+    fresh.load_state_dict(engine.state_dict())  # the groups' thresholds come back, not √L·C
+    assert fresh.plan.max_norms == {"weight": 3.0, "bias": 4.0}
+    fresh.load_state_dict(fresh.state_dict())
+    assert fresh.plan.max_norms == {"weight": 3.0, "bias": 4.0}
     model, engine = make(max_grad_norm=None, clipping=pg.clipping.Adaptive(initial_max_norm=1.0))
     engine.max_grad_norm = 0.25  # the adaptive threshold moves on from there
     trace = engine.backward(losses(model))

@@ -212,7 +212,7 @@ class DPEngine:
         living outside the engine): the next step clips to it, its noise is ``σ·C``, its
         trace reports it and the ledger records it with the step. Setting it while a
         logical step is being accumulated is refused (its batches were clipped to the old
-        threshold). Under ``PerLayer`` with several thresholds, set ``engine.clipping``.
+        threshold). Under ``PerLayer`` (a threshold per group) set ``engine.clipping``.
 
         A threshold chosen from private data (say, this batch's median norm) is itself a
         release of that data and must be accounted like any other: ``Adaptive`` does it
@@ -230,13 +230,14 @@ class DPEngine:
         rule = self.clipping
         if isinstance(rule, Adaptive):  # the rule keeps its schedule; the plan has C
             return rule, rule.bind(list(self._params), value)
-        if isinstance(rule, PerLayer) and isinstance(rule.max_norms, Mapping):
+        if isinstance(rule, PerLayer):
             raise ValueError(
-                "privgrad: this engine clips with PerLayer thresholds per group "
-                f"({sorted(rule.max_norms)}), so one max_grad_norm does not say which to "
-                "change. Fix: engine.clipping = pg.clipping.PerLayer({...new thresholds...})."
+                "privgrad: this engine clips with PerLayer thresholds, one per group, and its "
+                "max_grad_norm is their total sensitivity sqrt(sum C_g²), so one number does "
+                "not say which thresholds to change. Fix: engine.clipping = "
+                "pg.clipping.PerLayer({...new thresholds...}) (or PerLayer(c) for c per group)."
             )
-        field_name = {Flat: "max_norm", Automatic: "max_norm", PerLayer: "max_norms"}
+        field_name = {Flat: "max_norm", Automatic: "max_norm"}
         rule = dataclasses.replace(rule, **{field_name[type(rule)]: value})
         return rule, rule.bind(list(self._params))
 
@@ -576,6 +577,7 @@ class DPEngine:
             "ledger": self.ledger.state_dict(),
             "noise": self.noise.state_dict(),
             "max_grad_norm": self.max_grad_norm,
+            "max_norms": dict(self.plan.max_norms),  # {group: C_g}, PerLayer's thresholds
             "expected_batch_size": self.expected_batch_size,
         }
 
@@ -592,9 +594,12 @@ class DPEngine:
         q = None if q is None else check_sample_rate(q)
         ebs = _check_ebs(state.get("expected_batch_size", self.expected_batch_size))
         rule, plan = self.clipping, self.plan
-        threshold = state.get("max_grad_norm")
-        if threshold is not None and not (
-                isinstance(rule, PerLayer) and isinstance(rule.max_norms, Mapping)):
+        threshold, thresholds = state.get("max_grad_norm"), state.get("max_norms")
+        if isinstance(rule, PerLayer):  # the groups' own thresholds, not their total
+            if thresholds is not None:
+                rule = PerLayer(dict(thresholds))
+                plan = rule.bind(list(self._params))
+        elif threshold is not None:
             rule, plan = self._with_threshold(threshold)
         _check_finite_noise(sigma, plan.sensitivity, self._params)
         ledger = PrivacyLedger.from_state_dict(state["ledger"])
