@@ -128,3 +128,48 @@ def test_state_dict_round_trip_and_errors():
         a.aggregate([{"w": torch.zeros(2), "steps": torch.tensor([3])}])
     with pytest.raises(ValueError, match="update 1 does not have"):
         a.aggregate([updates(1)[0], {"w": torch.zeros(2)}])
+
+
+def aligned_huge(k: int, dtype: torch.dtype, sign: float = 1.0) -> list[dict[str, torch.Tensor]]:
+    """``k`` updates along one direction with norms 30 to 60 (every one clipped)."""
+    base = torch.randn(16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    base /= base.norm()
+    scale = 30 * (1 + torch.arange(k, dtype=torch.float64) / k)
+    return [{"w": (sign * s * base).to(dtype)} for s in scale]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_one_client_moves_the_clipped_sum_by_at_most_c_in_every_dtype(dtype):
+    # Oracle: the sensitivity itself, measured in float64. Summed in 16 bits (35dd941) one
+    # client moved the sum by 1.4·C (float16, K = 2048) or by 0 (bfloat16 saturates).
+    C, K = 1.0, 2048
+    us = aligned_huge(K, dtype)
+    opposite = aligned_huge(K, dtype, sign=-1.0)
+
+    def clipped(ups):
+        r = DPFedAvg(0.0, max_norm=C, num_clients=10 * K, clients_per_round=K,
+                     seed=0).aggregate(ups)
+        assert r.update["w"].dtype == dtype
+        return r.clipped_sum["w"].double()
+
+    full = clipped(us)
+    for j in (0, 1, K // 2, K - 1):
+        removed = float((full - clipped(us[:j] + us[j + 1:])).norm())
+        assert removed <= C * (1 + 1e-3)
+        assert removed >= C * (1 - 1e-3)  # an update far above C adds exactly C
+        replaced = float((full - clipped(us[:j] + [opposite[j]] + us[j + 1:])).norm())
+        assert 2 * C * (1 - 1e-2) <= replaced <= 2 * C * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_updates_are_clipped_summed_and_noised_in_float32(dtype):
+    us = aligned_huge(8, dtype)
+    clipped, f = clip_update(us[0], 1.0)
+    assert clipped["w"].dtype == torch.float32 and f == pytest.approx(1 / update_norm(us[0]))
+    assert update_norm(clipped) <= 1 + 1e-6  # 16 bits would allow C·(1 + 2^-8)
+    r = DPFedAvg(0.5, max_norm=1.0, num_clients=80, clients_per_round=8, seed=0).aggregate(us)
+    assert r.clipped_sum["w"].dtype == r.noise["w"].dtype == torch.float32
+    want = sum(u["w"].double() / update_norm(u) for u in us)
+    torch.testing.assert_close(r.clipped_sum["w"].double(), want, rtol=1e-6, atol=1e-6)
+    # one rounding into the update's dtype, after the noise and the division
+    assert torch.equal(r.update["w"], ((r.clipped_sum["w"] + r.noise["w"]) / 8).to(dtype))
