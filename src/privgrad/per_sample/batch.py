@@ -106,7 +106,7 @@ def output_grads(
         if gs is not None and any(g is not None for g in gs):
             dims = fresh.get(id(c)) or (verified.get(keys[id(c)]) if B > 1 else None)
             if c.unit.rule is not None:
-                out.append(replace(_common_dtype(c, gs), batch_dims=dims))
+                out.append(_common_dtype(c, gs, dims))
             else:
                 out.append(LayerIO(c, gs, batch_dims=dims, sources=_sources(leaves[id(c)])))
     return out
@@ -200,7 +200,9 @@ def _check_layouts(
     return fresh
 
 
-def _common_dtype(call: Call, grads: list[torch.Tensor | None]) -> LayerIO:
+def _common_dtype(
+    call: Call, grads: list[torch.Tensor | None], dims: layout.Dims | None = None
+) -> LayerIO:
     """Brings a rule call's ``A`` and ``G`` to one floating dtype (autocast mixes them).
 
     Under ``torch.autocast`` a Linear's input may be float32 while its output gradient is
@@ -209,7 +211,7 @@ def _common_dtype(call: Call, grads: list[torch.Tensor | None]) -> LayerIO:
     """
     A, G = call.args[0], grads[0]
     if G is None:
-        return LayerIO(call, grads)
+        return LayerIO(call, grads, batch_dims=dims)
     half = any(t.dtype in _HALF for t in (A, G))
     dtype = G.dtype
     for t in (A, *call.unit.params.values()):
@@ -219,7 +221,7 @@ def _common_dtype(call: Call, grads: list[torch.Tensor | None]) -> LayerIO:
         grads = [G.to(dtype), *grads[1:]]
     if A.is_floating_point() and A.dtype != dtype:
         call = replace(call, args=(A.to(dtype),))
-    return LayerIO(call, grads, half)
+    return LayerIO(call, grads, half, dims)
 
 
 _HALF = (torch.float16, torch.bfloat16)
