@@ -7,6 +7,7 @@ module may copy anything into a buffer. One guard (a snapshot of every parameter
 buffer when the root's forward starts, compared when it ends) catches them all.
 """
 
+import copy
 import math
 
 import pytest
@@ -214,3 +215,138 @@ def test_after_a_refusal_the_next_batch_is_released_alone():
     engine.close()
     model.emb.max_norm = 1.0
     model(ids)  # hooks are gone with the engine: no guard, no error
+
+
+class Parts(nn.Module):
+    """Called part by part by a training loop (features, then head), not as model(x)."""
+
+    def __init__(self, emb):
+        super().__init__()
+        self.emb, self.head = emb, nn.Linear(3, 2)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def test_a_submodule_called_directly_is_watched_too():
+    torch.manual_seed(0)
+    model = Parts(nn.Embedding(10, 3, max_norm=1.0))
+    with torch.no_grad():
+        model.emb.weight.mul_(5)
+    before = model.emb.weight.detach().clone()
+    ids = torch.tensor([[1, 4], [4, 7], [1, 1], [2, 7]])
+    engine = engine_for(model)
+    with pytest.raises(pg.UnsupportedModelError,
+                       match=r"module 'emb' \(Embedding\) changed its parameter 'weight' in "
+                             r"place during the forward pass \(max_norm=1.0"):
+        engine.backward(model.head(model.emb(ids).mean(1)).sum(1))
+    untouched(engine, model)
+    moved = sorted(int(i) for i in (model.emb.weight - before).norm(dim=1).nonzero())
+    assert moved == [1, 2, 4, 7]  # why: the batch's tokens
+    engine.close()
+
+
+def test_direct_submodule_calls_with_an_optimizer_between_steps_match_the_oracle():
+    """The watch spans each outermost forward, so optimizer.step() between steps is fine."""
+    torch.manual_seed(0)
+    model = Parts(nn.Embedding(10, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    engine = engine_for(model, expected_batch_size=1)
+    y = torch.tensor([0, 1, 0, 1])
+    for step in range(3):
+        ids = torch.randint(0, 10, (4, 2), generator=torch.Generator().manual_seed(step))
+
+        want = loop_per_sample_grads(  # on a copy: its forwards are not the engine's
+            copy.deepcopy(model), lambda out, i: F.cross_entropy(out, y[i:i + 1]), ids)
+        engine.backward(F.cross_entropy(model.head(model.emb(ids).mean(1)), y,
+                                        reduction="none"))
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[n].sum(0), rtol=1e-10, atol=1e-12)
+        opt.step()
+        opt.zero_grad()
+    assert engine.steps == 3
+    engine.close()
+
+
+class GradTracker(nn.Module):
+    """Keeps the mean of its output gradients in a buffer, from a tensor hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("gstat", torch.zeros(3))
+
+    def forward(self, x):
+        out = self.lin(x)
+        if out.requires_grad:
+            out.register_hook(self._track)
+        return out
+
+    def _track(self, g):
+        self.gstat.copy_(g.mean(0))
+
+
+def test_a_write_during_privgrads_backward_pass_is_refused():
+    torch.manual_seed(0)
+    model = GradTracker()
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
+    x[0] *= 1e4
+    engine = engine_for(model)
+    with pytest.raises(pg.UnsupportedModelError) as e:
+        engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+    msg = str(e.value)
+    assert "the model itself (GradTracker) changed its buffer 'gstat' in place during the " \
+           "backward pass" in msg
+    assert "unclipped gradients" in msg and "never write self.gstat from a gradient hook" in msg
+    untouched(engine, model)
+    # Why: the buffer holds the unclipped mean of the batch's output gradients.
+    out = model.lin(x)
+    want = torch.autograd.grad(F.cross_entropy(out, y, reduction="none").sum(), out)[0].mean(0)
+    torch.testing.assert_close(model.gstat, want)
+    engine.close()
+    with pytest.raises(pg.UnsupportedModelError, match="during the backward pass"):
+        pg.clipped_batch_gradients(model, lambda o, t: F.cross_entropy(o, t, reduction="none"),
+                                   x, y, 1.0)
+
+
+def test_spectral_norm_is_refused_with_a_fix_that_works():
+    torch.manual_seed(0)
+    sn = nn.utils.parametrizations.spectral_norm
+    model = nn.Sequential(sn(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 2))
+    x, y = torch.randn(8, 8), torch.randint(0, 2, (8,))
+    engine = engine_for(model, expected_batch_size=8, max_grad_norm=1.0)
+    with pytest.raises(pg.UnsupportedModelError) as e:
+        engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+    msg = str(e.value)
+    assert "module '0.parametrizations.weight.0' (_SpectralNorm) changed its buffer '_u'" in msg
+    assert "spectral norm's power iteration" in msg and "model.0.eval()" in msg
+    assert "with torch.no_grad(): model.0.train(); model.0.weight; model.0.eval()" in msg
+    untouched(engine, model)
+    engine.discard()
+    # The fix as the message gives it (model.0 is model[0] here): accepted, and the power
+    # iteration still runs between steps, from the weights alone.
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model[0].eval()
+    for _ in range(3):
+        engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            model[0].train()
+            model[0].weight  # noqa: B018 (the parametrization runs on access)
+            model[0].eval()
+    assert engine.steps == 3
+    with torch.no_grad():
+        sigma = torch.linalg.matrix_norm(model[0].weight, 2)
+    assert abs(float(sigma) - 1) < 1e-2
+    engine.close()
+
+
+def test_the_old_spectral_norm_hook_is_told_to_use_the_parametrization():
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 2))
+    engine = engine_for(model, expected_batch_size=8)
+    with pytest.raises(pg.UnsupportedModelError,
+                       match=r"module '0' \(Linear\) changed its buffer 'weight_u'.*spectral "
+                             r"norm's power iteration.*parametrizations.spectral_norm"):
+        engine.backward(model(torch.randn(8, 8)).sum(1))
+    engine.close()

@@ -148,3 +148,50 @@ def test_a_forward_that_writes_the_model_is_refused():
     x, y = torch.randint(0, 9, (5, 3)), torch.randint(0, 3, (5,))
     with pytest.raises(pg.errors.UnsupportedModelError, match=r"'0'.*weight"):
         pg.clipped_batch_gradients(model, loss_fn, x, y, max_norm=1.0, normalize_by=5)
+
+
+class BatchStd(nn.Module):
+    """Standardises with the batch's statistics inside forward: the samples are mixed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin((x - x.mean(0)) / (x.std(0) + 1e-6))
+
+
+def test_a_model_mixing_the_samples_is_refused_on_every_call() -> None:
+    torch.manual_seed(0)
+    model = BatchStd().double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,))
+    x[0] = 100.0  # an outlier record
+
+    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, t, reduction="none")
+
+    def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([v.reshape(-1) for v in d.values()])
+
+    for _ in range(2):  # no engine remembers a verdict: every call is checked
+        with pytest.raises(pg.UnsupportedModelError,
+                           match=r"losses\[0\] depends on sample \d+'s model input args\[0\]"):
+            pg.clipped_batch_gradients(model, loss, x, y, 1.0, normalize_by=16.0)
+    # Why: the stated sensitivity C/n does not hold for it (the unchecked result moves by
+    # more than C/n when one sample is removed).
+    full = flat(pg.clipped_batch_gradients(model, loss, x, y, 1.0, normalize_by=16.0,
+                                           check_mixing=False))
+    worst = max(float((full - flat(pg.clipped_batch_gradients(
+        model, loss, torch.cat([x[:j], x[j + 1:]]), torch.cat([y[:j], y[j + 1:]]), 1.0,
+        normalize_by=16.0, check_mixing=False))).norm()) * 16.0 for j in range(16))
+    assert worst > 1.5
+    # An independent model passes the check and gives the clipped mean as before.
+    lin = nn.Linear(4, 3).double()
+    got = pg.clipped_batch_gradients(lin, loss, x, y, 1.0, normalize_by=16.0)
+    psg = loop_per_sample_grads(lin, lambda out, i: loss(out, y[i:i + 1]).sum(), x)
+    norms = torch.sqrt(sum(v.flatten(1).square().sum(1) for v in psg.values()))
+    factor = torch.clamp(1.0 / norms, max=1.0)
+    for n, v in psg.items():
+        torch.testing.assert_close(got[n], (factor.view(-1, 1, *[1] * (v.dim() - 2)) * v
+                                            ).sum(0) / 16.0, rtol=1e-10, atol=1e-12)

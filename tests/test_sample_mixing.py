@@ -230,3 +230,77 @@ def test_a_sequence_first_input_whose_length_equals_the_batch_is_not_taken_for_m
                 check_no_mixing(found)
         else:
             check_no_mixing(found)
+
+
+class TinyLM(nn.Module):
+    """LoRA-style: frozen token and position embeddings, (1, T) position ids (as in HF)."""
+
+    def __init__(self, V=20, T=8, d=6):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(V, d), nn.Embedding(T, d)
+        self.register_buffer("position_ids", torch.arange(T).unsqueeze(0), persistent=False)
+        self.lora = nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+        for p in (*self.wte.parameters(), *self.wpe.parameters()):
+            p.requires_grad_(False)
+
+    def forward(self, ids):
+        h = self.wte(ids) + self.wpe(self.position_ids[:, :ids.shape[1]])
+        return self.head(torch.tanh(self.lora(h)).mean(1))
+
+
+@pytest.mark.parametrize("B", [8, 5])
+def test_a_position_embedding_broadcast_over_the_batch_is_not_mixing(B):
+    """(1, T, d) with T == B is one row shared by all samples, not a sequence-first batch."""
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    ids = torch.randint(0, 20, (B, 8), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (B,), generator=torch.Generator().manual_seed(2))
+    want = loop_per_sample_grads(model, lambda out, i: F.cross_entropy(out, y[i:i + 1]), ids)
+    with engine_for(model, max_grad_norm=math.inf, expected_batch_size=1) as e:
+        e.backward(F.cross_entropy(model(ids), y, reduction="none"))
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want[n].sum(0), rtol=1e-10, atol=1e-12)
+
+
+class InPlaceInput(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.lin = how, nn.Linear(5, 3)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.relu(x) if self.how == "relu" else x.div_(255.0)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("how", ["relu", "div_"])
+def test_a_forward_writing_its_input_in_place_is_verified(how):
+    torch.manual_seed(0)
+    model = InPlaceInput(how).double()
+    x, y = batch()
+    x = x.double() * 255
+    want = loop_per_sample_grads(model, lambda out, i: F.cross_entropy(out, y[i:i + 1]),
+                                 x.clone())
+    with engine_for(model, max_grad_norm=math.inf, expected_batch_size=1) as e:
+        e.backward(losses_of(model, x.clone(), y))  # the verifying step
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[n].sum(0), rtol=1e-10, atol=1e-12)
+
+
+class Standardise(nn.Module):
+    def forward(self, x):
+        return (x - x.mean(0)) / x.std(0)
+
+
+def test_mixing_in_a_submodule_called_directly_is_refused():
+    """The loop calls model.features, then model.head: no model(x), yet the features'
+    input is checked."""
+    model = nn.ModuleDict({"features": nn.Sequential(Standardise(), nn.Linear(5, 4)),
+                           "head": nn.Linear(4, 3)})
+    x, y = batch()
+    with engine_for(model) as e, pytest.raises(
+            pg.UnsupportedModelError,
+            match=r"losses\[0\] depends on sample \d+'s input of module 'features': args\[0\]"):
+        e.backward(F.cross_entropy(model["head"](model["features"](x)), y, reduction="none"))

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 from privgrad.errors import (
     GradientStateError,
@@ -246,15 +248,17 @@ def grad_accumulated(name: str) -> GradientStateError:
     )
 
 
-def check_forward_writes(writes: Sequence[StateWrite]) -> None:
-    """Raises if a recorded forward pass wrote a parameter or buffer of the model.
+def check_forward_writes(writes: Sequence[StateWrite], during: str = "forward") -> None:
+    """Raises if a recorded forward (or privgrad's backward) wrote the model's state.
 
     Whatever a forward writes into the model from the batch (running statistics, an
     Embedding's ``max_norm`` renormalisation of the batch's rows, a buffer updated from
-    the input) is released with the model without clipping or noise.
+    the input), or a hook from the batch's gradients during privgrad's backward passes,
+    is released with the model without clipping or noise.
 
     Args:
-        writes: From ``Capture.take_writes()``.
+        writes: From ``Capture.take_writes()`` or ``Capture.take_pass_writes()``.
+        during: ``"forward"`` or ``"backward"``: which pass wrote them.
 
     Raises:
         UnsupportedModelError: Naming each module and tensor written (five at most), how,
@@ -262,15 +266,19 @@ def check_forward_writes(writes: Sequence[StateWrite]) -> None:
     """
     if not writes:
         return
-    lines = [_describe(w) for w in writes[:5]]
+    lines = [_describe(w, during) for w in writes[:5]]
     more = f"\n- ... and {len(writes) - 5} more" if len(writes) > 5 else ""
+    what = ("the model's forward pass" if during == "forward" else
+            "a hook run during privgrad's backward pass (e.g. a tensor hook registered in the "
+            "forward), or code run between the forward and engine.backward (the loss),")
+    source = "the batch" if during == "forward" else "the batch's unclipped gradients"
     raise UnsupportedModelError(
-        "privgrad: the model's forward pass wrote its own parameters or buffers:\n- "
-        + "\n- ".join(lines) + more + "\nWhat a forward writes into the model comes from "
-        "the batch and is released with the model, with no clipping and no noise, so this "
-        "batch is refused: nothing of it was accumulated, p.grad is untouched and no step "
-        "is taken. The model already holds the written values: restore its parameters and "
-        "buffers from before this forward (e.g. model.load_state_dict(saved_state)) before "
+        f"privgrad: {what} wrote parameters or buffers of the model:\n- "
+        + "\n- ".join(lines) + more + f"\nWhat a {during} pass writes into the model comes "
+        f"from {source} and is released with the model, with no clipping and no noise, so "
+        "this batch is refused: nothing of it was accumulated, p.grad is untouched and no "
+        "step is taken. The model already holds the written values: restore its parameters "
+        "and buffers from before this batch (e.g. model.load_state_dict(saved_state)) before "
         "training on or releasing it."
     )
 
@@ -283,17 +291,45 @@ _HOW = {
 }
 
 
-def _describe(w: StateWrite) -> str:
+def _describe(w: StateWrite, during: str = "forward") -> str:
     where = f"module '{w.path}'" if w.path else "the model itself"
     cls = type(w.module).__name__
     what = _HOW[w.how].format(kind=w.kind, name=w.name)
-    why, fix = _write_hint(w, cls)
-    return f"{where} ({cls}) {what} during the forward pass{why}. Fix: {fix}"
+    why, fix = _write_hint(w, cls, during)
+    return f"{where} ({cls}) {what} during the {during} pass{why}. Fix: {fix}"
 
 
-def _write_hint(w: StateWrite, cls: str) -> tuple[str, str]:
+def _spectral_norm(w: StateWrite) -> str | None:
+    """The layer's path if ``w`` is spectral norm's power-iteration state, else ``None``."""
+    if isinstance(w.module, _SpectralNorm) and w.name in ("_u", "_v"):
+        return w.path.split(".parametrizations.")[0] if ".parametrizations." in w.path else ""
+    if w.name.endswith(("_u", "_v")) and any(
+            isinstance(h, SpectralNorm) for h in w.module._forward_pre_hooks.values()):
+        return w.path
+    return None
+
+
+def _write_hint(w: StateWrite, cls: str, during: str = "forward") -> tuple[str, str]:
     """Why such a write happens and how to avoid it: known layers first, then in general."""
     m, prefix = w.module, f"{w.path}." if w.path else ""
+    if during == "backward":
+        return ("", f"never write self.{w.name} from a gradient hook: a statistic of the "
+                "gradients must be computed from the private gradient engine.step() writes "
+                "into p.grad (clipped and noised), after the step")
+    layer = _spectral_norm(w)
+    if layer is not None:
+        ref = f"model.{layer}" if layer else "model"
+        return (
+            " (spectral norm's power iteration updates u and v in place on every forward "
+            "in training mode; they come from the weights only, but privgrad cannot tell a "
+            "write in the recorded forward from one made from the batch)",
+            "use torch.nn.utils.parametrizations.spectral_norm (the hook API "
+            "torch.nn.utils.spectral_norm is not supported), keep that layer in eval mode "
+            f"for the training forward ({ref}.eval(): the weight is still divided by the "
+            "stored estimate of its norm) and run the power iteration from the weights alone "
+            f"after each optimizer.step(): with torch.no_grad(): {ref}.train(); "
+            f"{ref}.weight; {ref}.eval()",
+        )
     if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.max_norm is not None:
         return (
             f" (max_norm={m.max_norm} renormalises in place the rows of the batch's tokens, "
@@ -350,7 +386,10 @@ def sample_mixing(losses: torch.Tensor, marked: Sequence[Marked]) -> list[Mixing
     batch statistics or an in-batch contrastive loss), with ``1`` and with a fixed random
     sign vector ``s`` (independent samples give ``∂(s·L)/∂x[j] = s_j ∂(1·L)/∂x[j]`` for
     every ``j``; a dependence of ``losses[i]`` on ``x[j]`` shows whenever ``s_i != s_j``).
-    Run before the graph is freed; the verdict is ``check_no_mixing``'s.
+    Run before the graph is freed; the verdict is ``check_no_mixing``'s. A layer output
+    marked ``broadcast`` with a size-1 dim 0 (``(1, T, d)``: position embeddings shared by
+    the batch) is not tried on dim 1, so such an output of token ids fed sequence-first
+    with length 1 is not checked (the model's own floating inputs always are).
 
     Args:
         losses: ``(B,)`` per-sample losses, graph alive.
@@ -376,7 +415,12 @@ def sample_mixing(losses: torch.Tensor, marked: Sequence[Marked]) -> list[Mixing
         grads = [g[k] for g in vjps]
         if all(g is None for g in grads):
             continue  # not used by the forward
-        for dim in (d for d in (0, 1) if d < m.tensor.dim() and m.tensor.shape[d] == B):
+        shape = m.tensor.shape
+        # (1, B, ...) from a broadcast (embedding of (1, T) position ids, T == B) is one
+        # row shared by all samples: dim 1 is not the samples there.
+        dims = [d for d in (0, 1) if d < len(shape) and shape[d] == B
+                and not (d == 1 and m.broadcast and shape[0] == 1)]
+        for dim in dims:
             g0, g1, gs = (torch.zeros(B, 1, dtype=torch.double, device=losses.device)
                           if g is None else g.double().movedim(dim, 0).reshape(B, -1)
                           for g in grads)

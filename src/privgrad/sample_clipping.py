@@ -53,6 +53,7 @@ def clipped_batch_gradients(
     *,
     normalize_by: float | None = None,
     mode: str = "auto",
+    check_mixing: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Sum of per-sample gradients clipped to ``max_norm``, over a denominator. NOT PRIVATE.
 
@@ -74,6 +75,19 @@ def clipped_batch_gradients(
             sensitivity, and ``B`` is private).
         mode: ``"auto"``, ``"ghost"``, ``"materialize"`` or ``"vmap"``: the result is the
             same in every mode.
+        check_mixing: On every call with ``B >= 2``, check that no loss depends on another
+            sample's input (``∂losses[i]/∂x[j] = 0`` for ``i != j``, through the floating
+            inputs of ``model`` and the outputs of its layers fed token ids: batch
+            statistics or mixup in the forward, an in-batch loss), by three
+            vector-Jacobian products (about one more backward pass). The stated
+            sensitivity assumes independent samples; with ``False`` (or mixing done
+            before ``model(inputs)``, which cannot be seen) that is yours to ensure.
+
+    Always checked: no parameter or buffer of ``model`` is written during its forward
+    (``Embedding(max_norm=...)``, running statistics) or during the backward passes (a
+    gradient hook), since that would release the batch outside the sum. Not checked here
+    (``DPEngine(self_check=True)`` does it): that the per-sample gradients add up to
+    autograd's batch gradient.
 
     Returns:
         ``{param name: p.shape}`` = ``(1/n) Σ_i min(1, C/‖g_i‖) g_i`` for every trainable
@@ -81,6 +95,8 @@ def clipped_batch_gradients(
 
     Raises:
         InvalidLossError: If ``loss_fn`` does not return one loss per sample.
+        UnsupportedModelError: If the model writes its own state, or (``check_mixing``) a
+            loss depends on another sample's input.
         NonFiniteGradientError: If a sample's gradient has a NaN or Inf (names it).
         ValueError: For an empty batch without ``normalize_by`` (it has no mean) or a bad
             ``max_norm``/``normalize_by``/``mode``.
@@ -97,10 +113,13 @@ def clipped_batch_gradients(
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {id(p): n for n, p in model.named_parameters()}
     plan = Flat(math.inf if max_norm is None else max_norm).bind(list(trainable))
-    capture = Capture(plan_units(model, use_rules=mode != "vmap"), root=model)
+    # No engine remembers a verified model here, so the mixing check runs on every call.
+    capture = Capture(plan_units(model, use_rules=mode != "vmap"), root=model,
+                      marking=check_mixing)
     try:
         losses = guards.check_losses(loss_fn(model(inputs), targets))
         guards.check_forward_writes(capture.take_writes())  # nothing learnt outside the sum
+        capture.watch_passes()
         calls = capture.take()
         B = losses.shape[0]
         if B == 0 and normalize_by is None:
@@ -113,11 +132,14 @@ def clipped_batch_gradients(
             return {n: torch.zeros_like(p) for n, p in trainable.items()}
         if not losses.requires_grad:
             raise guards.not_connected(losses)
+        if check_mixing:  # before output_grads, which frees the graph
+            guards.check_no_mixing(guards.sample_mixing(losses, capture.take_marked()))
         ios = output_grads(losses, calls)
         if not ios:
             raise guards.not_connected(losses)
         check_batch_sizes(ios, B)
         result = clip_batch(ios, names, trainable, plan, B, mode)
+        guards.check_forward_writes(capture.take_pass_writes(), during="backward")
     finally:
         capture.close()
     n = B if normalize_by is None else float(normalize_by)

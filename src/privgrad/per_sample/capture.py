@@ -12,14 +12,22 @@ A call made *inside* the forward of a functional unit that claims the same param
 not recorded: the functional unit's re-run already covers it, and recording both would
 count those parameters' gradients twice. The same module called on its own is recorded.
 
-Given the model's ``root``, the capture also watches every forward of the root made with
-gradients enabled: it notes each parameter and buffer (its tensor and version counter)
-when the forward starts and reports, as ``StateWrite`` values, those the forward changed
-(``take_writes``); while ``marking`` is on it hands the forward fresh leaves in place of
-its floating inputs, and keeps the outputs of recorded calls whose inputs are all
-integer (token embeddings), so the engine can differentiate the losses with respect to
-each sample's input (``take_marked``). ``GradAccumulationGuard`` refuses any backward
-pass that accumulates into ``p.grad`` of the parameters privgrad trains.
+Given the model's ``root``, the capture also watches every *outermost* forward made with
+gradients enabled of the root or of any of its modules (a training loop may call
+``model.encoder`` and ``model.head`` itself): it notes each parameter and buffer (its
+tensor and version counter) when that forward starts and reports, as ``StateWrite``
+values, those changed when it ends (``take_writes``); ``watch_passes`` and
+``take_pass_writes`` do the same from the last forward to the end of privgrad's own
+backward passes (a tensor hook can write a buffer from the output gradients; so can the
+loss function). While ``marking`` is on, the capture hands each outermost forward fresh
+leaves in place of its floating inputs (the forward gets a copy, which it may write in
+place) and keeps the outputs of recorded calls whose inputs are all integer (token
+embeddings), so the engine can differentiate the losses with respect to each sample's
+input (``take_marked``). ``GradAccumulationGuard`` refuses any
+backward pass that accumulates into ``p.grad`` of the parameters privgrad trains.
+Not watched: writes made between two watched forwards of one step, and the forward of
+a leaf module with no parameter or buffer that your code calls on its own (it is then
+your code, like anything before ``model(x)``).
 """
 
 from __future__ import annotations
@@ -86,10 +94,14 @@ class Marked:
     Attributes:
         where: What it is, for messages (``"model input args[0]"``, ...).
         tensor: The tensor; the losses can be differentiated with respect to it.
+        broadcast: A size-1 dim 0 is a broadcast over the batch, not a sequence of length 1
+            (an embedding of ``(1, T)`` position ids): dim 1 is then not tried as the
+            samples.
     """
 
     where: str
     tensor: torch.Tensor = field(repr=False)
+    broadcast: bool = False
 
 
 def _outputs(output: Any) -> tuple[list[torch.Size | None], list[GradientEdge | None]]:
@@ -122,8 +134,9 @@ class Capture:
 
     Args:
         units: The units to record (from ``plan_units``).
-        root: The model: its forwards are watched for parameter and buffer writes and,
-            while ``marking``, given marked inputs. ``None``: neither.
+        root: The model: the outermost forward of it or of any of its modules is watched
+            for parameter and buffer writes and, while ``marking``, given marked inputs.
+            ``None``: neither.
         marking: The initial value of ``marking`` (the attribute may be changed).
     """
 
@@ -137,14 +150,24 @@ class Capture:
         self._marked: list[Marked] = []
         self._writes: list[StateWrite] = []
         self._moved: list[tuple[StateWrite, torch.Tensor]] = []  # settled at take_writes
-        self._open: list[tuple | None] = []  # one snapshot per root forward in progress
+        self._depth = 0  # nesting of the watched forward in progress (0: none)
+        self._snap: tuple | None = None  # state when that outermost forward started
+        self._passes: tuple | None = None  # state when privgrad's own passes started
+        self._last: tuple | None = None  # state when the last watched forward started
+        self._watch: StateWatch | None = None
         if root is not None:
             self._watch = StateWatch(root)
-            self._handles.append(root.register_forward_pre_hook(
-                self._root_enter, with_kwargs=True, prepend=True))
-            self._handles.append(root.register_forward_hook(self._root_exit, always_call=True))
-            for path, m in root.named_modules():  # token embeddings, trained ones or frozen
-                if isinstance(m, nn.Embedding | nn.EmbeddingBag):
+            for path, m in root.named_modules():
+                # A training loop may call any module outside model(x); a leaf with no
+                # parameter or buffer (an activation) has no state to write, and if your
+                # code calls it alone it is your code (not hooked: saves its fast path).
+                if m is not root and not (m._modules or m._parameters or m._buffers):
+                    continue
+                self._handles.append(m.register_forward_pre_hook(
+                    self._make_enter_watch(path), with_kwargs=True, prepend=True))
+                self._handles.append(m.register_forward_hook(self._leave_watch,
+                                                             always_call=True))
+                if isinstance(m, nn.Embedding | nn.EmbeddingBag):  # trained ones or frozen
                     self._handles.append(m.register_forward_hook(self._make_mark_frozen(path)))
         for unit in units:
             # Recording runs before the module's other forward hooks (prepend): G is then the
@@ -203,42 +226,60 @@ class Capture:
 
         return hook
 
-    def _root_enter(self, module, args, kwargs):  # noqa: ANN001, ANN202
-        if _suspended() or not torch.is_grad_enabled():
-            self._open.append(None)  # not recorded: an evaluation, or privgrad's own re-run
-            return None
-        self._open.append(self._watch.start())
-        return self._mark_inputs(args, kwargs) if self.marking else None
+    def _make_enter_watch(self, path: str):  # noqa: ANN202
+        where = "model input" if path == "" else f"input of module '{path}':"
 
-    def _root_exit(self, module, args, output):  # noqa: ANN001, ANN202
-        snap = self._open.pop() if self._open else None
+        def enter(module, args, kwargs):  # noqa: ANN001, ANN202
+            if self._depth:  # inside a watched forward: that one covers this call
+                self._depth += 1
+                return None
+            if _suspended() or not torch.is_grad_enabled():
+                return None  # an evaluation, or privgrad's own re-run: not recorded
+            self._depth = 1
+            self._snap = self._watch.start()
+            return self._mark_inputs(where, args, kwargs) if self.marking else None
+
+        return enter
+
+    def _leave_watch(self, module, args, output):  # noqa: ANN001, ANN202
+        if not self._depth:
+            return
+        self._depth -= 1
+        if not self._depth:
+            self._close_watch()
+
+    def _close_watch(self) -> None:
+        self._depth = 0
+        snap, self._snap = self._snap, None
+        self._last = snap
         if snap is not None:
             writes, moved = self._watch.changes(snap)
             self._writes.extend(writes)
             self._moved.extend(moved)
 
-    def _mark_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-        """The root's inputs, each floating tensor replaced by a marked leaf (same memory)."""
+    def _mark_inputs(
+        self, where: str, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict]:
+        """The inputs, each floating tensor marked; one that needs it is given as a copy."""
 
-        def marker(where: str):  # noqa: ANN202
+        def marker(name: str):  # noqa: ANN202
             def one(x: Any) -> Any:
                 if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 0
                         ) or x.is_inference():  # an inference tensor cannot be made a leaf
                     return x
                 if x.requires_grad:  # already differentiable: the losses' gradient reaches it
-                    self._marked.append(Marked(where, x))
+                    self._marked.append(Marked(f"{where} {name}", x))
                     return x
-                # Shares memory and version counter with the caller's tensor, so a trace
-                # still sees it written after the step; the forward must not write it.
                 leaf = x.detach().requires_grad_()
-                self._marked.append(Marked(where, leaf))
-                return leaf
+                self._marked.append(Marked(f"{where} {name}", leaf))
+                # The forward gets a copy (this step only): it may write it in place
+                # (x.div_(255), nn.ReLU(inplace=True)), which a leaf forbids.
+                return leaf.clone()
 
             return one
 
-        new_args = tuple(tree_map(marker(f"model input args[{i}]"), a)
-                         for i, a in enumerate(args))
-        new_kwargs = {k: tree_map(marker(f"model input {k}="), v) for k, v in kwargs.items()}
+        new_args = tuple(tree_map(marker(f"args[{i}]"), a) for i, a in enumerate(args))
+        new_kwargs = {k: tree_map(marker(f"{k}="), v) for k, v in kwargs.items()}
         return new_args, new_kwargs
 
     def _make_mark_frozen(self, path: str):  # noqa: ANN202
@@ -250,7 +291,7 @@ class Capture:
                 return None
             leaf = output.detach().requires_grad_()
             self._marked.append(Marked(f"output of module '{path}' ({type(module).__name__})",
-                                       leaf))
+                                       leaf, broadcast=True))
             return leaf.clone()  # not a leaf: the forward may still write it in place
 
         return hook
@@ -262,7 +303,7 @@ class Capture:
             return
         where = f"output of module '{unit.path}' ({type(unit.module).__name__})"
         self._marked.extend(
-            Marked(where, leaf) for leaf in tree_flatten(output)[0]
+            Marked(where, leaf, broadcast=True) for leaf in tree_flatten(output)[0]
             if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.dim() > 0)
 
     def take(self) -> list[Call]:
@@ -271,16 +312,35 @@ class Capture:
         return calls
 
     def take_writes(self) -> list[StateWrite]:
-        """Parameters and buffers the root's recorded forwards changed since the last call.
+        """Parameters and buffers the watched forwards changed since the last call.
 
         Each is named once (in ``named_modules`` order); they are then forgotten.
         """
+        if self._depth:  # a forward that never returned (its exit hook did not run)
+            self._close_watch()
         writes, self._writes = self._writes + settle(self._moved), []
         self._moved = []
-        unique: dict[tuple[str, str, str], StateWrite] = {}
-        for w in writes:
-            unique.setdefault((w.path, w.kind, w.name), w)
-        return list(unique.values())
+        return _unique(writes)
+
+    def watch_passes(self) -> None:
+        """Starts the watch over privgrad's own backward passes (``take_pass_writes``).
+
+        Called after ``take_writes`` found nothing: the state when the last watched
+        forward started is then the state when it ended, so it serves (one snapshot less
+        per step), and writes made since that forward (the loss function) are seen too.
+        """
+        snap, self._last = self._last, None
+        if snap is None and self._watch is not None:
+            snap = self._watch.start()
+        self._passes = snap
+
+    def take_pass_writes(self) -> list[StateWrite]:
+        """What changed since ``watch_passes`` (a hook writing from the gradients), once each."""
+        snap, self._passes = self._passes, None
+        if snap is None:
+            return []
+        writes, moved = self._watch.changes(snap)
+        return _unique(writes + settle(moved))
 
     def take_marked(self) -> list[Marked]:
         """The tensors marked since the last call (see ``marking``), and forgets them."""
@@ -297,7 +357,15 @@ class Capture:
         self._marked = []
         self._writes = []
         self._moved = []
-        self._open = []
+        self._depth = 0
+        self._snap = self._passes = self._last = None
+
+
+def _unique(writes: list[StateWrite]) -> list[StateWrite]:
+    unique: dict[tuple[str, str, str], StateWrite] = {}
+    for w in writes:
+        unique.setdefault((w.path, w.kind, w.name), w)
+    return list(unique.values())
 
 
 class GradAccumulationGuard:
