@@ -349,6 +349,7 @@ class DPEngine:
         self, losses: torch.Tensor, keep: Iterable[str] | str, retain: bool
     ) -> int:
         guards.check_forward_writes(self._capture.take_writes())
+        self._capture.watch_passes()  # a hook may write the model during our backward passes
         keep = _check_keep(keep)
         losses = guards.check_losses(losses)
         trainable = {n: p for n, p in self._params.items() if p.requires_grad}
@@ -387,6 +388,7 @@ class DPEngine:
             guards.check_sample(reference_one, {n: one[n] for n in trainable}, 0, rtol)
             guards.check_no_mixing(mixing, rtol)
             self._verified = True
+        guards.check_forward_writes(self._capture.take_pass_writes(), during="backward")
         self._capture.marking = self.self_check and not self._verified
         offset = sum(seg.size for seg, _ in self._pending)
         lazy = retain and len(result.kept) < len(KEEPABLE)
