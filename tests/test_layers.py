@@ -10,6 +10,7 @@ from torch import nn
 
 import privgrad as pg
 from oracle import assert_close, loop_per_sample_grads, sin_loss
+from test_per_sample_exactness import CellUnrolled
 
 MODES = ["materialize", "vmap", "ghost", "auto"]
 
@@ -185,23 +186,9 @@ def test_fallback_recurrent(cell, batch_first):
     check(RNN(cell, batch_first), x, batch_dim=0 if batch_first else 1)
 
 
-class UnrolledCell(nn.Module):
-    """``nn.LSTMCell`` over time: each call returns ``(h, c)`` with ``h`` computed from ``c``."""
-
-    def __init__(self):
-        super().__init__()
-        self.cell = nn.LSTMCell(3, 4)
-
-    def forward(self, x):
-        state = None
-        for t in range(x.shape[1]):
-            state = self.cell(x[:, t], state)
-        return torch.cat(state, 1)
-
-
 @pytest.mark.parametrize("mode", ["auto", "vmap"])
 def test_fallback_lstm_cell_whose_outputs_depend_on_each_other(mode):
-    check(UnrolledCell(), torch.randn(3, 4, 3), mode)
+    check(CellUnrolled(), torch.randn(3, 4, 3), mode)  # h computed from c at each step
 
 
 class KeywordMHA(nn.Module):

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from privgrad import distributed, guards, release, validate
+from privgrad import agreement, distributed, guards, release, validate
 from privgrad.accounting import PrivacyLedger
 from privgrad.accounting.validation import check_sample_rate
 from privgrad.clipping import (
@@ -41,7 +41,13 @@ from privgrad.per_sample.batch import (
 from privgrad.per_sample.capture import Capture, GradAccumulationGuard
 from privgrad.per_sample.layout import Verified
 from privgrad.per_sample.plan import plan_units
-from privgrad.physical import BatchResult, clip_batch, self_check_samples, sum_fresh
+from privgrad.physical import (
+    BatchResult,
+    clip_batch,
+    self_check_rtol,
+    self_check_samples,
+    sum_fresh,
+)
 from privgrad.statement import DEFAULT_DELTAS, PrivacyStatement, build_statement
 from privgrad.trace import KEEP_OPTIONS, KEEPABLE, Segment, StepTrace
 
@@ -160,7 +166,7 @@ class DPEngine:
         self.plan: ClipPlan = self.clipping.bind(list(self._params))
         _check_finite_noise(self.noise_multiplier, self.plan.sensitivity, self._params)
         if self.distributed:  # seed, σ, q, normaliser, rule and thresholds: equal on all ranks
-            distributed.agree_at_construction(self, seed, self._params, self._device)
+            agreement.agree_at_construction(self, seed, self._params, self._device)
         self._capture = Capture(plan_units(model, use_rules=mode != "vmap"), root=model,
                                 marking=self_check)
         self._grad_guard = GradAccumulationGuard(self._params, guards.grad_accumulated)
@@ -335,6 +341,8 @@ class DPEngine:
         except Exception as e:
             discarded = len(self._pending) + 1
             self._pending = []
+            self._capture.take()  # the failed batch's recorded calls and marks go with it
+            self._capture.take_marked()
             self._failed = True  # under torch.distributed every rank then refuses this step
             if isinstance(e, PrivgradError):
                 raise type(e)(
@@ -384,7 +392,7 @@ class DPEngine:
         if reference_one is not None:
             one = per_sample_grads(ios, self._names, B, torch.zeros(1, dtype=torch.long,
                                                                     device=losses.device))
-            rtol = 3e-2 if any(io.half for io in ios) else 1e-3
+            rtol = self_check_rtol(ios, trainable)
             guards.check_sample(reference_one, {n: one[n] for n in trainable}, 0, rtol)
             guards.check_no_mixing(mixing, rtol)
             self._verified = True
@@ -447,7 +455,7 @@ class DPEngine:
                 "failing samples; the next accumulate() starts a new logical step."
             )
         if self.distributed:  # one collective: failures, step counts, privacy settings
-            disagreement = distributed.agree_at_step(
+            disagreement = agreement.agree_at_step(
                 self, failed or problem is not None, trainable, self._device)
             problem = problem or disagreement
         if problem is not None:

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from privgrad.errors import UnsupportedModelError
 from privgrad.per_sample.capture import Call, suspended
+from privgrad.per_sample.chunks import HALF
 
 _KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[set, set[int]]]] = (
     weakref.WeakKeyDictionary()
@@ -188,7 +189,7 @@ def _splits(
             if not torch.equal(ref, o):
                 return False
             continue
-        tol = 1e-3 if ref.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-7
+        tol = 1e-3 if ref.dtype in (*HALF, torch.float32) else 1e-7
         scale = float(ref.abs().max()) if ref.numel() else 0.0
         if not torch.allclose(ref, o, rtol=tol, atol=tol * max(scale, 1e-6)):
             return False

@@ -25,6 +25,7 @@ from torch.autograd.graph import GradientEdge
 from privgrad.errors import InvalidLossError
 from privgrad.per_sample import functional, layout
 from privgrad.per_sample.capture import Call
+from privgrad.per_sample.chunks import HALF
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,8 @@ def _check_layouts(
         gs, gw = per_call.get(id(c)), weighted.get(id(c), {})
         if gs is None or not any(g is not None for g in gs):
             continue
-        half = any(g is not None and g.dtype in _HALF for g in gs) or (
-            c.unit.rule is not None and c.args[0].dtype in _HALF)
+        half = any(g is not None and g.dtype in HALF for g in gs) or (
+            c.unit.rule is not None and c.args[0].dtype in HALF)
         dims = tuple(
             None if gs[k] is None or gw.get(k) is None
             else layout.valid_dims(gs[k], gw[k], w, B, half)
@@ -212,7 +213,7 @@ def _common_dtype(
     A, G = call.args[0], grads[0]
     if G is None:
         return LayerIO(call, grads, batch_dims=dims)
-    half = any(t.dtype in _HALF for t in (A, G))
+    half = any(t.dtype in HALF for t in (A, G))
     dtype = G.dtype
     for t in (A, *call.unit.params.values()):
         if t.is_floating_point():
@@ -223,8 +224,6 @@ def _common_dtype(
         call = replace(call, args=(A.to(dtype),))
     return LayerIO(call, grads, half, dims)
 
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def check_batch_sizes(ios: list[LayerIO], batch_size: int) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from privgrad.errors import UnsupportedModelError
+from privgrad.per_sample.chunks import HALF
 
 Dims = tuple[frozenset[int] | None, ...]
 """Per output leaf of a call: the axes along which it is per-sample (``None``: no gradient)."""
@@ -123,7 +124,7 @@ def _rtol(*tensors: torch.Tensor) -> float:
     amount of order one (weights a factor 2 to 16 apart).
     """
     dtypes = {t.dtype for t in tensors}
-    if dtypes & {torch.float16, torch.bfloat16}:
+    if dtypes & set(HALF):
         return 5e-2
     if dtypes <= {torch.float64, torch.complex128}:
         return 1e-6

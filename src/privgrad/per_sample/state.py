@@ -3,14 +3,15 @@
 Anything a forward writes into the model comes from the batch and is released with the
 model without clipping or noise (``nn.Embedding(max_norm=...)`` renormalising the
 batch's rows, running statistics, a buffer set from the input). ``StateWatch`` takes a
-snapshot when the root's forward starts and lists what changed when it ends: a tensor
+snapshot when a watched forward starts (the outermost forward of the model or of any of
+its modules, ``capture.py``) and lists what changed when it ends: a tensor
 replaced, added or removed, a version counter moved (every in-place op from Python:
 ``copy_``, ``+=``, a renorm) and, for floating buffers, a value that changed although the
 version did not (native ``batch_norm`` updates ``running_mean`` in its kernel without
 moving it). Parameters are not copied (that would be the whole model): a kernel that
 writes a parameter without moving its version is not seen.
 
-Nothing here touches hooks (``capture.py`` calls it from the root's hooks) or syncs a
+Nothing here touches hooks (``capture.py`` calls it from its forward hooks) or syncs a
 device until ``settle``.
 """
 
