@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import privgrad as pg
 from oracle import loop_per_sample_grads
 from privgrad.noise import CHUNK_ACCELERATOR, NoiseSource
-from test_clipped_sum_again import Net, _data
+from test_trace import Net, _data
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -10,10 +10,10 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
-import privgrad as pg  # noqa: E402
+import privgrad as pg
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-import federated_digits  # noqa: E402
+import federated_digits
 
 
 def test_federated_digits_reaches_its_stated_accuracy_and_epsilon():

@@ -249,15 +249,25 @@ def test_frozen_parameters_are_skipped():
     check(model, torch.randn(4, 3))
 
 
-@given(cfg=conv_cfg, strategy=st.sampled_from(["ghost", "cost", "measure"]))
-def test_conv_norm_formulas_equal_materialised(cfg, strategy):
-    from privgrad.per_sample import conv as rules
+def _run_formula(rule, m, A, G, name):
+    """``{attr: (B,)}``: each parameter's squared norms by the formula ``name`` where it has
+    one (its only formula otherwise)."""
+    from privgrad.per_sample import policy
+
+    formulas = rule.norm_formulas(m, A, G)
+    return {a: policy.run(fs[name] if name in fs else next(iter(fs.values())), A.shape[0],
+                          A.device) for a, fs in formulas.items()}
+
+
+@given(cfg=conv_cfg, formula=st.sampled_from(["ghost", "gram", "materialized"]))
+def test_conv_norm_formulas_equal_materialised(cfg, formula):
+    from privgrad.per_sample.rules import conv as rules
 
     g, m = cfg["groups"], make_conv(cfg, bias=True).double()
     A = torch.randn(cfg["B"], g * cfg["cin_per_group"], *([5] * cfg["dim"]), dtype=torch.double)
     G = torch.randn_like(m(A))
     want = {k: v.flatten(1).square().sum(1) for k, v in rules.per_sample_grads(m, A, G).items()}
-    assert_close(rules.squared_norms(m, A, G, strategy), want)
+    assert_close(_run_formula(rules.RULES[0], m, A, G, formula), want)
     f = torch.rand(cfg["B"], dtype=torch.double)
     psg = rules.per_sample_grads(m, A, G)
     assert_close(rules.clipped_sum(m, A, G, {"weight": f, "bias": f}),
@@ -265,32 +275,30 @@ def test_conv_norm_formulas_equal_materialised(cfg, strategy):
 
 
 @given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 17]), d=st.integers(1, 7),
-       p=st.integers(1, 7), strategy=st.sampled_from(["ghost", "cost"]))
-def test_linear_norm_formulas_equal_materialised(B, T, d, p, strategy):
-    from privgrad.per_sample import linear as rules
+       p=st.integers(1, 7), formula=st.sampled_from(["ghost", "materialized", "outer"]))
+def test_linear_norm_formulas_equal_materialised(B, T, d, p, formula):
+    from privgrad.per_sample.rules import linear as rules
 
     m = nn.Linear(d, p).double()
     A = torch.randn(B, T, d, dtype=torch.double)
     G = torch.randn(B, T, p, dtype=torch.double)
     want = {k: v.flatten(1).square().sum(1) for k, v in rules.per_sample_grads(m, A, G).items()}
-    assert_close(rules.squared_norms(m, A, G, strategy), want)
+    assert_close(_run_formula(rules.RULES[0], m, A, G, formula), want)
 
 
 # ---- batch chunks: per-sample norms through large intermediates run a few samples at a time
 
 
 @settings(max_examples=25)
-@given(cfg=conv_cfg, mode=st.sampled_from(["ghost", "auto"]),
-       pick=st.sampled_from(["grouped", "unfold"]))
-def test_conv_norms_in_chunks_of_one_sample(cfg, mode, pick):
-    from privgrad.per_sample import autotune, chunks
+@given(cfg=conv_cfg, mode=st.sampled_from(["ghost", "auto", "materialize"]))
+def test_conv_norms_in_chunks_of_one_sample(cfg, mode):
+    from privgrad.per_sample import chunks
 
     g, m = cfg["groups"], make_conv(cfg)
     size = 5  # ≥ the largest dilated kernel (3 taps, dilation 2)
     x = torch.randn(cfg["B"] + 1, g * cfg["cin_per_group"], *([size] * cfg["dim"]))
-    with mock.patch.object(chunks, "CHUNK_ELEMENTS", 1), \
-            mock.patch.object(autotune, "fastest", lambda key, c: c[pick]()):
-        check(m, x, mode)  # every chunk is one sample; every measured choice is `pick`
+    with mock.patch.object(chunks, "CHUNK_ELEMENTS", 1):
+        check(m, x, mode)  # every chunk is one sample
 
 
 @pytest.mark.parametrize("make,shape", [
@@ -329,7 +337,7 @@ def test_im2col_matches_torch_unfold(cfg):
     """privgrad's strided-view im2col equals F.unfold (1d via a unit height; 3d by a loop)."""
     import torch.nn.functional as F
 
-    from privgrad.per_sample import conv as rules
+    from privgrad.per_sample.rules import conv as rules
 
     g, m = cfg["groups"], make_conv(cfg, bias=True).double()
     A = torch.randn(cfg["B"], g * cfg["cin_per_group"], *([5] * cfg["dim"]), dtype=torch.double)
@@ -357,8 +365,6 @@ def test_im2col_matches_torch_unfold(cfg):
 
 from privgrad.per_sample import ghost as _ghost  # noqa: E402
 
-PRODUCTION_DENSE_ELEMENTS = 1 << 21  # the default (the conftest sets 0 for every test)
-
 
 @pytest.mark.parametrize("threshold", [0, 4 * 40, 4 * 200, 1 << 21])
 @pytest.mark.parametrize("mode", ["auto", "ghost"])
@@ -382,33 +388,46 @@ def test_layers_on_both_sides_of_the_materialisation_threshold(threshold, mode):
         check(Net(), torch.randint(0, 11, (4, 7)), mode)
 
 
-def spy_linear_rule(monkeypatch) -> list[tuple[str, nn.Module, set[str]]]:
-    """Records each call of the Linear rule: ``(kind, module, parameters returned)``.
+def spy_paths(monkeypatch) -> list[tuple[str, nn.Module, set[str]]]:
+    """Records how each recorded call was handled: ``(kind, module, parameter attributes)``.
 
-    ``kind`` is ``"materialised"`` (per-sample gradients) or ``"book-kept"`` (norms). Also
-    restores the production materialisation threshold for the test, and streams no call
-    (``auto`` would time both ways on the first step: tested in test_stream.py).
+    ``kind`` is ``"materialised"`` (per-sample gradients, ``layer_io.materialize``) or
+    ``"book-kept"`` (norms by ``policy.squared_norms``); both are wrapped, not replaced.
     """
-    import dataclasses
+    from privgrad.per_sample import policy
+    from privgrad.step import clip_batch
 
-    from privgrad.per_sample import registry, stream
-
-    monkeypatch.setattr(_ghost, "DENSE_ELEMENTS", PRODUCTION_DENSE_ELEMENTS)
-    monkeypatch.setattr(stream, "choose", lambda ios, batch_size: None)
     calls = []
-    rule = registry.lookup(nn.Linear(1, 1))
+    real_norms, real_materialize = policy.squared_norms, clip_batch.materialize
+    current = {}
 
-    def spy(kind, fn):
-        return lambda m, *a: calls.append((kind, m, set(out := fn(m, *a)))) or out
+    def norms(formulas, *a, **k):
+        calls.append(("book-kept", current.get("module"), set(formulas)))
+        return real_norms(formulas, *a, **k)
 
-    monkeypatch.setitem(registry._RULES, nn.Linear, dataclasses.replace(
-        rule, per_sample_grads=spy("materialised", rule.per_sample_grads),
-        squared_norms=spy("book-kept", rule.squared_norms)))
+    def materialize(ios, *a, **k):
+        for io in ios:
+            calls.append(("materialised", io.call.unit.module,
+                          {n for n, p in io.call.unit.params.items() if p.requires_grad}))
+        return real_materialize(ios, *a, **k)
+
+    real_squared = _ghost.squared_norms
+
+    def squared(ios, *a, **k):  # which module each policy call is for
+        out = {}
+        for io in ios:
+            current["module"] = io.call.unit.module
+            out |= real_squared([io], *a, **k)
+        return out
+
+    monkeypatch.setattr(policy, "squared_norms", norms)
+    monkeypatch.setattr(clip_batch, "materialize", materialize)
+    monkeypatch.setattr(_ghost, "squared_norms", squared)
     return calls
 
 
 def test_a_frozen_weight_is_never_materialised_for_its_trainable_bias(monkeypatch):
-    calls = spy_linear_rule(monkeypatch)
+    calls = spy_paths(monkeypatch)
     model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
     model[0].weight.requires_grad_(False)  # bias-only fine-tuning of the big layer
     with pg.DPEngine(model, 0.0, max_grad_norm=1.0, expected_batch_size=64,
@@ -426,7 +445,7 @@ def test_a_frozen_weight_is_never_materialised_for_its_trainable_bias(monkeypatc
 def test_small_gradients_are_materialised_only_when_not_larger_than_the_io(
         monkeypatch, positions, materialised):
     """A Linear on single vectors is book-kept however small (its ghost norm is free)."""
-    calls = spy_linear_rule(monkeypatch)
+    calls = spy_paths(monkeypatch)
     model = nn.Linear(256, 10)  # 2570 parameters; B × params = 10,280 (small)
     shape = (4, 256) if positions is None else (4, positions, 256)
     x = torch.randn(shape, dtype=torch.float64)
@@ -434,7 +453,8 @@ def test_small_gradients_are_materialised_only_when_not_larger_than_the_io(
     with pg.DPEngine(model, 0.0, max_grad_norm=1.0, expected_batch_size=4,
                      self_check=False) as engine:
         trace = engine.backward(sin_loss(model(x)))
-    assert [kind for kind, _, _ in calls] == ["materialised" if materialised else "book-kept"]
+    assert [kind for kind, m, _ in calls if m is model] == [
+        "materialised" if materialised else "book-kept"]
     want = loop_per_sample_grads(model, lambda out, i: sin_loss(out)[0], x)
     assert_close({n: trace.layer_norms[n] for n in want},
                  {n: g.flatten(1).norm(dim=1) for n, g in want.items()})
@@ -461,7 +481,6 @@ def test_functional_units_with_unusual_calls_in_book_keeping_modes(monkeypatch, 
         def forward(self, xs):
             return xs[0] * self.w
 
-    monkeypatch.setattr(_ghost, "DENSE_ELEMENTS", PRODUCTION_DENSE_ELEMENTS)
     x = torch.randn(6, 4, dtype=torch.float64)
     for module, call in [(Scale(), lambda m, v: m(x=v)), (TwoOut(), lambda m, v: m(v)[1]),
                          (ListIn(), lambda m, v: m([v]))]:
@@ -475,11 +494,10 @@ def test_functional_units_with_unusual_calls_in_book_keeping_modes(monkeypatch, 
 
 
 @settings(max_examples=30)
-@given(cfg=conv_cfg, candidate=st.sampled_from(["grouped", "unfold", "ghost", "gram"]))
-def test_every_conv_candidate_against_the_loop(cfg, candidate):
-    """Each formula autotune may pick, forced, against per-sample autograd in float64."""
-    from privgrad.per_sample import autotune
-    from privgrad.per_sample import conv as rules
+@given(cfg=conv_cfg, candidate=st.sampled_from(["ghost", "gram", "materialized"]))
+def test_every_conv_formula_against_the_loop(cfg, candidate):
+    """Each formula the policy may pick, forced, against per-sample autograd in float64."""
+    from privgrad.per_sample.rules import conv as rules
 
     m = make_conv(cfg, bias=True).double()
     A = torch.randn(cfg["B"], m.in_channels, *([5] * cfg["dim"]), dtype=torch.double)
@@ -490,16 +508,8 @@ def test_every_conv_candidate_against_the_loop(cfg, candidate):
         for (n, _), g in zip(m.named_parameters(), grads, strict=True):
             want[n].append(g)
     want = {n: torch.stack(g) for n, g in want.items()}
-
-    if candidate == "ghost":  # a ghost formula is forced by its strategy
-        got = rules.squared_norms(m, A, G, "ghost")
-    elif candidate == "gram":  # timed only where it is cheap: called directly here
-        got = {"weight": rules._gram_sq_norms(m, A, G),
-               "bias": rules.squared_norms(m, A, G, "cost")["bias"]}
-    else:  # a missing candidate raises KeyError: nothing falls back silently
-        with mock.patch.object(autotune, "fastest", lambda key, c: c[candidate]()):
-            assert_close(rules.per_sample_grads(m, A, G), want)
-            got = rules.squared_norms(m, A, G, "measure")
+    assert_close(rules.per_sample_grads(m, A, G), want)
+    got = _run_formula(rules.RULES[0], m, A, G, candidate)
     assert_close(got, {n: g.flatten(1).square().sum(1) for n, g in want.items()})
 
 
@@ -518,7 +528,7 @@ def test_every_conv_candidate_against_the_loop(cfg, candidate):
 def test_gram_norms_on_anisotropic_convolutions(conv, size):
     """Different kernel, stride, dilation and padding per dimension: the strided views of
     the channel Gram matrix must step each dimension by its own amounts."""
-    from privgrad.per_sample import conv as rules
+    from privgrad.per_sample.rules import conv as rules
 
     m = conv.double()
     for B in (3, 1):  # one sample: B·groups may be 1
@@ -537,23 +547,37 @@ def test_gram_norms_on_anisotropic_convolutions(conv, size):
     ((8, 8, 8), 2, False),    # stride 2: four times the padded positions, the unfolded rows win
 ])
 def test_the_cheaper_ghost_formula_is_used(shape, stride, gram):
-    from privgrad.per_sample import conv as rules
+    from privgrad.per_sample import policy
+    from privgrad.per_sample.rules import conv as rules
 
     cin, cout, hw = shape
     m = nn.Conv2d(cin, cout, 3, padding=1, stride=stride, bias=False).double()
     A = torch.randn(3, cin, hw, hw, dtype=torch.double)
     G = torch.randn_like(m(A))
+    formulas = rules.norm_formulas(m, A, G)["weight"]
+    assert policy.choose(formulas, ghost_only=True) == ("gram" if gram else "ghost")
     want = rules.per_sample_grads(m, A, G)["weight"].flatten(1).square().sum(1)
-    for strategy in ("ghost", "cost"):
-        with mock.patch.object(rules, "_gram_sq_norms", wraps=rules._gram_sq_norms) as spy:
-            assert_close(rules.squared_norms(m, A, G, strategy), {"weight": want})
-        assert spy.called == gram, strategy
+    assert_close(policy.squared_norms({"weight": formulas}, 3, A.device), {"weight": want})
+
+
+@pytest.mark.parametrize(("T", "d", "p", "pick"), [
+    (1, 64, 64, "outer"), (4, 64, 64, "ghost"), (64, 8, 8, "materialized"),
+    (8, 16, 16, "ghost"),  # T(d + p) = d·p: a tie goes to the first listed, the ghost norm
+])
+def test_the_linear_formula_with_fewer_flops_is_chosen(T, d, p, pick):
+    from privgrad.per_sample import policy
+    from privgrad.per_sample.rules import linear as rules
+
+    m = nn.Linear(d, p)
+    formulas = rules.norm_formulas(m, torch.randn(2, T, d), torch.randn(2, T, p))["weight"]
+    assert policy.choose(formulas) == pick
+    assert policy.choose(formulas, ghost_only=True) in ("ghost", "outer")
 
 
 @pytest.mark.parametrize("d,p", [(3, 9), (9, 3)])  # A smaller, then G smaller
 def test_clipped_sum_scales_either_operand_exactly(d, p):
     from privgrad.per_sample import chunks
-    from privgrad.per_sample import linear as rules
+    from privgrad.per_sample.rules import linear as rules
 
     m = nn.Linear(d, p).double()
     A, G = torch.randn(5, 4, d, dtype=torch.double), torch.randn(5, 4, p, dtype=torch.double)
@@ -570,7 +594,7 @@ def test_clipped_sum_scales_either_operand_exactly(d, p):
 def test_clipped_sum_in_chunks_of_samples(T, budget, max_chunks):
     """The scaled copy made a chunk of samples at a time (uneven chunks, the chunk cap,
     one chunk) gives the weighted sum of the per-sample gradients of the loop oracle."""
-    from privgrad.per_sample import linear as rules
+    from privgrad.per_sample.rules import linear as rules
 
     torch.manual_seed(T)
     B, d, p = 7, 5, 4
@@ -598,7 +622,7 @@ def test_clipped_sum_in_chunks_of_samples(T, budget, max_chunks):
 
 
 def test_bias_gradients_of_single_vectors_are_a_view():
-    from privgrad.per_sample import linear as rules
+    from privgrad.per_sample.rules import linear as rules
 
     G = torch.randn(4, 1, 3)
     assert rules._bias_grads(G).data_ptr() == G.data_ptr()
@@ -624,6 +648,5 @@ def test_rules_skip_frozen_parameters(make, shape, frozen):
     rule = lookup(m)
     live = {"weight", "bias"} - {frozen}
     assert set(rule.per_sample_grads(m, A, G)) == live
-    if rule.squared_norms is not None:
-        for strategy in ("ghost", "cost", "measure"):
-            assert set(rule.squared_norms(m, A, G, strategy)) == live
+    if rule.norm_formulas is not None:
+        assert set(rule.norm_formulas(m, A, G)) == live

@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from privgrad.accounting import PrivacyLedger, shared_sample_step
-
 
 def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
     """Flat clip factors ``min(1, C / norm)``, with factor 1 for a zero norm.
@@ -308,23 +306,15 @@ def adaptive_next(
                            rule.target_quantile, rule.learning_rate)
 
 
-def record_release(
-    ledger: PrivacyLedger, noise_multiplier: float, sample_rate: float, rule: object,
-    sensitivity: float | None = None,
-) -> None:
-    """Records one DP-SGD step (or DP-FedAvg round) in ``ledger``.
+def released_noise_multipliers(rule: object, noise_multiplier: float) -> tuple[float, ...]:
+    """σ of each Gaussian release of one step under ``rule``, the gradient's first.
 
-    Under ``Adaptive`` clipping the noisy count is a second Gaussian release on the same
-    Poisson sample, accounted together with the gradient as one event. ``sensitivity``
-    (the step's ``C``, or the rule's ``sqrt(sum_g C_g²)``) is kept with the entry as the
-    record of the run.
+    ``Adaptive`` clipping also releases a noisy count on the same Poisson sample
+    (``PrivacyLedger.record_sampled`` accounts the two together).
     """
     if isinstance(rule, Adaptive):
-        ledger.record_event(shared_sample_step(
-            sample_rate, [noise_multiplier, rule.count_noise_multiplier]),
-            sensitivity=sensitivity)
-    else:
-        ledger.record(noise_multiplier, sample_rate, sensitivity=sensitivity)
+        return (noise_multiplier, rule.count_noise_multiplier)
+    return (noise_multiplier,)
 
 
 ClipRule = Flat | PerLayer | Automatic | Adaptive

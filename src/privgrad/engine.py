@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from privgrad import agreement, distributed, guards, release, validate
+from privgrad import agreement, distributed, guards, validate
 from privgrad.accounting import PrivacyLedger
 from privgrad.accounting.validation import check_sample_rate
 from privgrad.clipping import (
@@ -27,29 +27,30 @@ from privgrad.clipping import (
     Flat,
     PerLayer,
     adaptive_next,
-    record_release,
+    released_noise_multipliers,
 )
 from privgrad.errors import GradientStateError, PrivgradError
 from privgrad.noise import NoiseSource
-from privgrad.per_sample.batch import (
+from privgrad.per_sample.capture import Capture, GradAccumulationGuard
+from privgrad.per_sample.layer_io import (
     check_batch_sizes,
     functional_snapshot,
+    materialize,
     output_grads,
-    per_sample_grads,
     versions,
 )
-from privgrad.per_sample.capture import Capture, GradAccumulationGuard
 from privgrad.per_sample.layout import Verified
-from privgrad.per_sample.plan import plan_units
-from privgrad.physical import (
+from privgrad.per_sample.units import plan_units
+from privgrad.statement import DEFAULT_DELTAS, PrivacyStatement, build_statement
+from privgrad.step.clip_batch import (
+    KEEPABLE,
     BatchResult,
     clip_batch,
     self_check_rtol,
     self_check_samples,
-    sum_fresh,
 )
-from privgrad.statement import DEFAULT_DELTAS, PrivacyStatement, build_statement
-from privgrad.trace import KEEP_OPTIONS, KEEPABLE, Segment, StepTrace
+from privgrad.step.release import release
+from privgrad.trace import KEEP_OPTIONS, Segment, StepTrace
 
 MODES = ("auto", "ghost", "materialize", "vmap")
 
@@ -85,16 +86,14 @@ class DPEngine:
         expected_batch_size: The normaliser of the private gradient (``q·N`` under Poisson
             sampling), a privacy-relevant constant, never the realised batch size.
         clipping: A rule from ``privgrad.clipping`` (``PerLayer``, ``Automatic``, ...).
-        mode: ``"auto"`` (book-keeping; per layer the fastest exact norm, measured once
-            per layer shape) | ``"ghost"`` (book-keeping; ghost or materialised norm per
-            layer by the cost rule ``2T² < d·p``) | ``"materialize"`` (every per-sample
-            gradient) | ``"vmap"`` (torch.func for every layer): performance only, the
-            result is the same in every mode. In ``auto`` and ``ghost`` a layer whose
-            per-sample gradients are small (``per_sample.ghost.DENSE_ELEMENTS``, and per
-            sample at most twice its input and output gradient) is materialised instead of
-            book-kept; ``auto`` also streams the one book-kept layer per physical batch
-            whose per-sample gradients made a chunk at a time, once every other norm is
-            known, were measured fastest (``per_sample.stream``).
+        mode: ``"auto"`` (book-keeping; per layer the exact norm formula with the fewest
+            FLOPs, ``per_sample.policy``; a layer whose per-sample gradients are small,
+            ``per_sample.ghost.DENSE_ELEMENTS`` and per sample at most twice its input and
+            output gradient, is materialised instead) | ``"ghost"`` (book-keeping of every
+            layer with a rule, by ghost formulas only) | ``"materialize"`` (every
+            per-sample gradient) | ``"vmap"`` (torch.func for every layer): performance
+            only, the result is the same in every mode up to floating-point rounding, and
+            bit for bit the same in every run for a given mode (no timing decides).
         seed: ``None`` for noise from OS entropy; an int for reproducible noise that is NOT
             secure.
         sample_rate: ``q``, the probability that a sample joins a logical batch (Poisson
@@ -110,6 +109,11 @@ class DPEngine:
             Costs five extra vector-Jacobian products, once. Mixing the samples outside
             the model (in your code before ``model(x)``) cannot be seen and is your
             responsibility; so is all of it with ``self_check=False``.
+        keep_clipped_sum: ``True``: every trace holds its step's clipped sum (one
+            parameter-sized tensor beside ``p.grad``). ``False`` (memory-bound steps): the
+            noise is added into the clipped sum's own tensors, and ``trace.clipped_sum``
+            and ``trace.private_grad`` raise "not kept" (``p.grad`` is the private
+            gradient); ``keep="clipped_sum"`` holds it for one step.
 
     Edge cases:
         ==========================  ==================================================
@@ -133,6 +137,7 @@ class DPEngine:
         seed: int | None = None,
         sample_rate: float | None = None,
         self_check: bool = True,
+        keep_clipped_sum: bool = True,
     ) -> None:
         model = distributed.unwrap(model)
         validate.check(model)
@@ -149,6 +154,8 @@ class DPEngine:
         self.noise = NoiseSource(seed, entropy)
         self._failed = False  # a physical batch of this step raised (distributed agreement)
         self.self_check = self_check
+        self.keep_clipped_sum = keep_clipped_sum
+        self._hold = False  # keep="clipped_sum" was asked in this logical step
         self.sample_rate = sample_rate
         self.ledger = PrivacyLedger()
         self.steps = 0
@@ -283,8 +290,8 @@ class DPEngine:
         Args:
             losses: Per-sample losses, shape ``(B,)`` (``reduction="none"``).
             keep: What the trace holds: per-sample gradients ``"pre_clip"``,
-                ``"post_clip"``, and ``"clipped_sum"`` (one parameter-sized copy beside
-                ``p.grad``; otherwise computed again when read). Anything not kept can
+                ``"post_clip"``, and ``"clipped_sum"`` (held anyway unless the engine was
+                built with ``keep_clipped_sum=False``). Per-sample gradients not kept can
                 still be asked for later, as long as what the model ran on is unchanged.
 
         Returns:
@@ -311,8 +318,7 @@ class DPEngine:
             keep: What to hold for the step's trace (as in ``backward``).
             retain: Also hold the batch's recorded layer inputs and output gradients, so
                 the trace can materialise any of its samples later (costs memory until
-                the trace is dropped); the step can then also write the private gradient
-                into the clipped sum instead of holding both (``release``).
+                the trace is dropped).
 
         Returns:
             The number of samples accumulated so far in this logical step.
@@ -340,7 +346,7 @@ class DPEngine:
             return self._accumulate(losses, keep, retain)
         except Exception as e:
             discarded = len(self._pending) + 1
-            self._pending = []
+            self._pending, self._hold = [], False
             self._capture.take()  # the failed batch's recorded calls and marks go with it
             self._capture.take_marked()
             self._failed = True  # under torch.distributed every rank then refuses this step
@@ -359,6 +365,7 @@ class DPEngine:
         guards.check_forward_writes(self._capture.take_writes())
         self._capture.watch_passes()  # a hook may write the model during our backward passes
         keep = _check_keep(keep)
+        self._hold = self._hold or "clipped_sum" in keep
         losses = guards.check_losses(losses)
         trainable = {n: p for n, p in self._params.items() if p.requires_grad}
         guards.check_any_trainable(trainable)
@@ -390,7 +397,7 @@ class DPEngine:
         result = clip_batch(ios, self._names, trainable, self.plan, B, self.mode, keep, reference,
                             checked)
         if reference_one is not None:
-            one = per_sample_grads(ios, self._names, B, torch.zeros(1, dtype=torch.long,
+            one = materialize(ios, self._names, B, torch.zeros(1, dtype=torch.long,
                                                                     device=losses.device))
             rtol = self_check_rtol(ios, trainable)
             guards.check_sample(reference_one, {n: one[n] for n in trainable}, 0, rtol)
@@ -424,7 +431,7 @@ class DPEngine:
             with contextlib.suppress(GradientStateError):
                 self.step()
             return
-        self._pending, self._failed = [], False
+        self._pending, self._failed, self._hold = [], False, False
 
     def step(self) -> StepTrace:
         """Ends the logical step: adds the noise once and writes ``p.grad``.
@@ -440,6 +447,7 @@ class DPEngine:
             ``private_grad``).
         """
         pending, self._pending = self._pending, []
+        hold, self._hold = self.keep_clipped_sum or self._hold, False
         failed, self._failed = self._failed, False
         trainable = {n: p for n, p in self._params.items() if p.requires_grad}
         problem: Exception | None = None
@@ -464,21 +472,14 @@ class DPEngine:
             empty = clip_batch([], self._names, trainable, self.plan, 0, self.mode)
             pending = [(Segment(0, 0, [], {}, {}), empty)]
         results = [r for _, r in pending]
-        clipped_sum = {n: sum_fresh(r.clipped_sum[n] for r in results) for n in trainable}
-        if self.distributed:  # the sum over every rank's samples, before the noise
-            clipped_sum = distributed.all_reduce_sum(clipped_sum)
-        # p.grad = (clipped sum + noise) / expected_batch_size, written into the clipped
-        # sum's own tensors when the trace can compute it again (release.py).
-        again = release.recompute_thunk(pending, self._names, trainable) if (
-            release.recomputable(pending, clipped_sum, self.distributed)) else None
-        private, noise, clipped = release.write_private_gradient(
-            clipped_sum, self.noise, self.noise_std, self.expected_batch_size, again)
+        released = release(results, trainable, self.noise, self.noise_std,
+                           self.expected_batch_size, self.distributed, hold)
         norms = torch.cat([r.total_sq for r in results]).sqrt()
         factors = {g: torch.cat([r.factors[g] for r in results]) for g in results[0].factors}
         max_norm, noise_std = self.max_grad_norm, self.noise_std
         self._record_step(norms)  # before p.grad is written: a step is never taken unrecorded
         for n, p in trainable.items():
-            p.grad = private[n].to(p.dtype)  # the one rounding of a 16-bit p.grad (float32 sum)
+            p.grad = released.private[n].to(p.dtype)  # the one rounding of a 16-bit p.grad
             self._grads.record(n, p.grad)
         return StepTrace(
             norms=norms,
@@ -490,8 +491,8 @@ class DPEngine:
             batch_size=len(norms),
             max_grad_norm=max_norm,
             _segments=tuple(seg for seg, _ in pending),
-            _noise_draw=noise,
-            _clipped_sum=clipped,
+            _noise_draw=released.noise,
+            _clipped_sum=released.clipped_sum,
             _names=self._names,
             _shapes={n: p.shape for n, p in trainable.items()},
             _dtypes={n: p.dtype for n, p in trainable.items()},
@@ -515,8 +516,9 @@ class DPEngine:
         if self.sample_rate is None:
             self._unaccounted += 1
         else:
-            record_release(self.ledger, self.noise_multiplier, self.sample_rate, rule,
-                           self.plan.sensitivity)
+            self.ledger.record_sampled(
+                self.sample_rate, released_noise_multipliers(rule, self.noise_multiplier),
+                sensitivity=self.plan.sensitivity)
         self.steps += 1
         if isinstance(rule, Adaptive):
             unclipped = float((norms <= self.max_grad_norm).sum())

@@ -39,7 +39,7 @@ import torch
 
 from privgrad.accounting import PrivacyLedger
 from privgrad.accounting.validation import check_noise_multiplier
-from privgrad.clipping import Adaptive, adaptive_next, clip_factors, record_release
+from privgrad.clipping import Adaptive, adaptive_next, clip_factors, released_noise_multipliers
 from privgrad.data import PoissonSampler, derived_seed
 from privgrad.noise import NoiseSource
 from privgrad.per_sample.chunks import accumulation_dtype
@@ -207,7 +207,9 @@ class DPFedAvg:
 
     def _record(self, norms: torch.Tensor) -> None:
         rule = self.adaptive
-        record_release(self.ledger, self.noise_multiplier, self.sample_rate, rule, self.max_norm)
+        self.ledger.record_sampled(
+            self.sample_rate, released_noise_multipliers(rule, self.noise_multiplier),
+            sensitivity=self.max_norm)
         self.rounds += 1
         if rule is None:
             return

@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-import torch  # noqa: E402
-from flwr.app import (  # noqa: E402
+import torch
+from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -36,16 +36,16 @@ from flwr.app import (  # noqa: E402
     MetricRecord,
     RecordDict,
 )
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import TensorDataset  # noqa: E402
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+from torch.utils.data import TensorDataset
 
-from privgrad.accounting.validation import check_delta  # noqa: E402
-from privgrad.data import PoissonLoader  # noqa: E402
-from privgrad.engine import DPEngine  # noqa: E402
-from privgrad.federated import DPFedAvg  # noqa: E402
+from privgrad.accounting.validation import check_delta
+from privgrad.data import PoissonLoader
+from privgrad.engine import DPEngine
+from privgrad.federated import DPFedAvg
 
 
 class DPFedAvgStrategy(FedAvg):

@@ -38,10 +38,10 @@ from torch import nn
 from privgrad import guards, validate
 from privgrad.clipping import Flat
 from privgrad.engine import MODES
-from privgrad.per_sample.batch import check_batch_sizes, output_grads
 from privgrad.per_sample.capture import Capture
-from privgrad.per_sample.plan import plan_units
-from privgrad.physical import clip_batch
+from privgrad.per_sample.layer_io import check_batch_sizes, output_grads
+from privgrad.per_sample.units import plan_units
+from privgrad.step.clip_batch import clip_batch
 
 
 def clipped_batch_gradients(

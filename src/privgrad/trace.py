@@ -17,22 +17,21 @@ parameter's own throughout.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from privgrad.errors import TraceReleasedError
 from privgrad.noise import NoiseDraw
-from privgrad.per_sample.batch import LayerIO, first_modified, per_sample_grads
-from privgrad.per_sample.chunks import accumulation_dtype
-
-KEEPABLE = ("pre_clip", "post_clip")
-"""Per-sample gradients a step can hold (``keep=``)."""
+from privgrad.per_sample.chunks import scaled
+from privgrad.per_sample.layer_io import LayerIO, first_modified, materialize
+from privgrad.step.clip_batch import KEEPABLE
 
 KEEP_OPTIONS = (*KEEPABLE, "clipped_sum")
-"""Everything ``keep=`` accepts: the per-sample gradients, and the clipped sum (held
-beside ``p.grad`` rather than computed again when read)."""
+"""Everything ``keep=`` accepts: the per-sample gradients, and the clipped sum (held by
+default; ``keep="clipped_sum"`` holds it for a step of an engine built with
+``keep_clipped_sum=False``)."""
 
 
 def private_gradient(
@@ -56,11 +55,6 @@ def private_gradient(
     dtypes = dtypes or {}
     out = {n: torch.add(s, noise[n]).div_(expected_batch_size) for n, s in clipped_sum.items()}
     return {n: g.to(dtypes.get(n, g.dtype)) for n, g in out.items()}
-
-
-def _broadcast(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``f (B,)`` shaped to multiply ``g (B, ...)``, in ``g``'s accumulation dtype."""
-    return f.reshape(-1, *([1] * (g.dim() - 1))).to(accumulation_dtype(g.dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,16 +91,18 @@ def check_unchanged(seg: Segment) -> None:
             "is a view of a parameter changed by optimizer.step()), so this step's "
             "per-sample gradients and clipped sum can no longer be computed from it. Fix: "
             "read the trace before modifying what the model ran on, pass a fresh tensor per "
-            "batch, or hold what you will read: keep='clipped_sum' (cheap) for "
-            "clipped_sum/private_grad, keep=('pre_clip',) for per-sample gradients."
+            "batch, or hold the per-sample gradients you will read: keep=('pre_clip',)."
         )
 
 
 @dataclass(frozen=True, eq=False)
 class StepTrace:
-    """Every stage of one DP-SGD step's per-sample pipeline.
+    """Every stage of one DP-SGD step's per-sample pipeline: a value.
 
     NOT PRIVATE: all fields except ``private_grad`` are derived from individual samples.
+    It holds tensors and records only (no callables): the clipped sum as the step computed
+    it, the noise draw's generator state, and, for per-sample gradients asked for later,
+    the layer inputs and output gradients of batches accumulated with ``retain=True``.
     A logical step made of several physical batches (``engine.accumulate``) has one trace
     covering all of its samples, in the order they were accumulated.
 
@@ -134,32 +130,32 @@ class StepTrace:
     max_grad_norm: float
     _segments: tuple[Segment, ...] = field(repr=False)
     _noise_draw: NoiseDraw = field(repr=False)
-    _clipped_sum: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
+    _clipped_sum: dict[str, torch.Tensor] | None = field(repr=False)
     _names: dict[int, str] = field(repr=False)
     _shapes: dict[str, torch.Size] = field(repr=False)
     _dtypes: dict[str, torch.dtype] = field(default_factory=dict, repr=False)
 
-    @functools.cached_property
+    @property
     def clipped_sum(self) -> dict[str, torch.Tensor]:
         """``{param name: p.shape}`` sum over samples of clipped gradients. NOT PRIVATE.
 
-        Usually the step wrote the private gradient into the clipped sum's own tensors, so
-        that no second parameter-sized copy is held (``release.recomputable``: book-kept
-        and retained batches, one process, CPU); the trace then computes the sum again,
-        bit for bit, from the recorded layer inputs and output gradients (one
-        weight-gradient call per book-kept layer; layers whose per-sample gradients were
-        materialised or streamed make them again), checks it against a checksum taken at the
-        step, and holds it once asked for. ``keep="clipped_sum"`` holds it from the step.
-
-        Float32 for a 16-bit parameter: it is accumulated in float32, as the noise is
-        added to it (module doc); the parameter's dtype otherwise.
+        Held by the step, as it was summed before the noise was added. Float32 for a
+        16-bit parameter: it is accumulated in float32, as the noise is added to it
+        (module doc); the parameter's dtype otherwise.
 
         Raises:
-            TraceReleasedError: If it must be computed again and what the step ran on
-                changed since (a recorded input or buffer modified, a parameter frozen or
-                unfrozen), or the result does not match the step's checksum.
+            TraceReleasedError: If the engine was built with ``keep_clipped_sum=False``
+                (the noise was added into the clipped sum's own tensors).
         """
-        return self._clipped_sum()
+        if self._clipped_sum is None:
+            raise TraceReleasedError(
+                "privgrad: clipped_sum not kept: the engine was built with "
+                "keep_clipped_sum=False, so the step added the noise into the clipped sum's "
+                "own tensors, which became p.grad (the private gradient is p.grad itself). "
+                "Fix: DPEngine(..., keep_clipped_sum=True) (the default; one parameter-sized "
+                "tensor per step), or engine.backward(losses, keep='clipped_sum') for one step."
+            )
+        return dict(self._clipped_sum)
 
     @functools.cached_property
     def noise(self) -> dict[str, torch.Tensor]:
@@ -182,7 +178,7 @@ class StepTrace:
         privacy. The unrounded value is ``(clipped_sum + noise) / expected_batch_size``.
 
         Raises:
-            TraceReleasedError: As ``clipped_sum``.
+            TraceReleasedError: As ``clipped_sum`` (read ``p.grad`` instead).
         """
         return private_gradient(self.clipped_sum, self.noise, self.expected_batch_size,
                                 self._dtypes)
@@ -256,7 +252,8 @@ class StepTrace:
             local = idx[pos] - seg.offset
             part, done = self._segment_grads(seg, kind, local)
             if clipped and not done:
-                part = {n: clip(self.param_clip_factors[n], g, idx[pos]) for n, g in part.items()}
+                part = {n: scaled(_select(self.param_clip_factors[n], idx[pos]), g)
+                        for n, g in part.items()}
             for n, g in part.items():
                 out[n] = out[n].to(g.dtype)
                 out[n][pos.to(device)] = g
@@ -279,16 +276,10 @@ class StepTrace:
                 "materialise any sample later, or keep=('pre_clip',) to hold its per-sample "
                 "gradients."
             )
-        raw = per_sample_grads(seg.ios, self._names, seg.size, local, seg.snapshot)
+        raw = materialize(seg.ios, self._names, seg.size, local, seg.snapshot)
         return {n: raw[n] for n in self._shapes if n in raw}, False
 
 
-def clip(factors: torch.Tensor, grads: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """``factors[:, None, ...] * grads`` (the factors of the selected samples).
-
-    In ``accumulation_dtype(grads.dtype)``: float32 for 16-bit ``grads`` (the product of a
-    float32 factor and a 16-bit value, not rounded back to 16 bits, whose norm is at most
-    ``C`` as the clipped sum has it); ``grads``' own dtype otherwise.
-    """
-    f = factors if idx is None else factors.index_select(0, idx.to(factors.device))
-    return _broadcast(f, grads) * grads
+def _select(factors: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The factors of the samples ``idx``."""
+    return factors.index_select(0, idx.to(factors.device))

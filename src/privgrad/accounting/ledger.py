@@ -12,7 +12,7 @@ dictionary look-ups, and after new steps only the changed tail is composed again
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from privgrad.accounting.accountants import (
     resolve_accountant,
 )
 from privgrad.accounting.errors import LedgerStateError, PrivacyParameterError
-from privgrad.accounting.events import simplify_event
+from privgrad.accounting.events import shared_sample_step, simplify_event
 from privgrad.accounting.serialization import event_from_dict, event_to_dict
 from privgrad.accounting.validation import (
     check_delta,
@@ -133,6 +133,27 @@ class PrivacyLedger:
         event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
         self._append(event, n, True, s)
         self._last_key = (sigma, q, s)
+
+    def record_sampled(
+        self, sample_rate: float, noise_multipliers: Sequence[float], *,
+        sensitivity: float | None = None,
+    ) -> None:
+        """Records one step whose Gaussian releases share one Poisson sample of rate q.
+
+        One multiplier is a DP-SGD step (:meth:`record`); several (the gradient and an
+        adaptive-clipping count) are one ``shared_sample_step(q, noise_multipliers)``
+        event, never separately sampled events.
+
+        Args:
+            sample_rate: q of the step, in (0, 1].
+            noise_multipliers: σ of each release, the gradient's first.
+            sensitivity: The gradient release's L2 sensitivity (see :meth:`record`).
+        """
+        sigmas = list(noise_multipliers)
+        if len(sigmas) == 1:
+            self.record(sigmas[0], sample_rate, sensitivity=sensitivity)
+        else:
+            self.record_event(shared_sample_step(sample_rate, sigmas), sensitivity=sensitivity)
 
     def record_event(
         self, event: dp_accounting.DpEvent, count: int = 1, *, is_step: bool = True,

@@ -6,8 +6,25 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from privgrad.cli import accounting, audit, train
+from privgrad.cli import accounting, audit
 from privgrad.errors import PrivgradError
+
+try:  # `privgrad train` needs the [cli] extra (scikit-learn's digits, matplotlib's report)
+    from privgrad.cli import train
+except ModuleNotFoundError as missing:
+    train = None
+    _MISSING = missing.name
+
+
+def _train_unavailable(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="(needs: pip install 'privgrad[cli]')", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def run(args: argparse.Namespace) -> int:
+        raise ValueError(f"privgrad train needs {_MISSING!r}, which is not installed. Fix: "
+                         "pip install 'privgrad[cli]' (scikit-learn and matplotlib).")
+
+    p.set_defaults(run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="privgrad", description="Transparent, exact and fast DP-SGD for PyTorch."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    train.add_command(sub)
+    if train is None:
+        _train_unavailable(sub)
+    else:
+        train.add_command(sub)
     accounting.add_commands(sub)
     audit.add_command(sub)
     return parser

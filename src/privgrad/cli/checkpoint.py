@@ -171,7 +171,7 @@ def load(path: Path) -> dict[str, Any]:
         raise _damaged(path, "its checksum does not match (truncated or altered)")
     try:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+    except Exception as e:
         raise _damaged(path, f"{type(e).__name__}: {str(e)[:200]}") from e
     fmt = state.get("format") if isinstance(state, dict) else None
     if fmt == "privgrad-train-1":

@@ -43,8 +43,8 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_map
 
-from privgrad.per_sample.plan import Unit
 from privgrad.per_sample.state import StateWatch, StateWrite, settle
+from privgrad.per_sample.units import Unit
 
 _STATE = threading.local()
 
@@ -183,14 +183,14 @@ class Capture:
                 self._handles.append(unit.module.register_forward_hook(  # before recording
                     self._make_exit(), always_call=True, prepend=True))
 
-    def _make_enter(self, claimed: frozenset[int]):  # noqa: ANN202
-        def enter(module, args):  # noqa: ANN001, ANN202
+    def _make_enter(self, claimed: frozenset[int]):
+        def enter(module, args):
             self._active.append(claimed)
 
         return enter
 
-    def _make_exit(self):  # noqa: ANN202
-        def leave(module, args, output):  # noqa: ANN001, ANN202
+    def _make_exit(self):
+        def leave(module, args, output):
             if self._active:
                 self._active.pop()
 
@@ -200,10 +200,10 @@ class Capture:
         mine = {id(p) for p in unit.params.values()}
         return any(not mine.isdisjoint(frame) for frame in self._active)
 
-    def _make_hook(self, unit: Unit):  # noqa: ANN202
+    def _make_hook(self, unit: Unit):
         rule_unit = unit.rule is not None
 
-        def hook(module, args, kwargs, output):  # noqa: ANN001, ANN202
+        def hook(module, args, kwargs, output):
             if _suspended() or not torch.is_grad_enabled():
                 return None
             if not any(p.requires_grad for p in unit.params.values()):
@@ -226,10 +226,10 @@ class Capture:
 
         return hook
 
-    def _make_enter_watch(self, path: str):  # noqa: ANN202
+    def _make_enter_watch(self, path: str):
         where = "model input" if path == "" else f"input of module '{path}':"
 
-        def enter(module, args, kwargs):  # noqa: ANN001, ANN202
+        def enter(module, args, kwargs):
             if self._depth:  # inside a watched forward: that one covers this call
                 self._depth += 1
                 return None
@@ -241,7 +241,7 @@ class Capture:
 
         return enter
 
-    def _leave_watch(self, module, args, output):  # noqa: ANN001, ANN202
+    def _leave_watch(self, module, args, output):
         if not self._depth:
             return
         self._depth -= 1
@@ -262,7 +262,7 @@ class Capture:
     ) -> tuple[tuple, dict]:
         """The inputs, each floating tensor marked; one that needs it is given as a copy."""
 
-        def marker(name: str):  # noqa: ANN202
+        def marker(name: str):
             def one(x: Any) -> Any:
                 if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 0
                         ) or x.is_inference():  # an inference tensor cannot be made a leaf
@@ -282,8 +282,8 @@ class Capture:
         new_kwargs = {k: tree_map(marker(f"{k}="), v) for k, v in kwargs.items()}
         return new_args, new_kwargs
 
-    def _make_mark_frozen(self, path: str):  # noqa: ANN202
-        def hook(module, args, output):  # noqa: ANN001, ANN202
+    def _make_mark_frozen(self, path: str):
+        def hook(module, args, output):
             # A trained embedding's output is marked by its unit's hook (_mark_output).
             if (not self.marking or _suspended() or not torch.is_grad_enabled()
                     or not isinstance(output, torch.Tensor) or output.requires_grad
@@ -390,7 +390,7 @@ class GradAccumulationGuard:
                          for n, p in params.items() if p.requires_grad]
 
     @staticmethod
-    def _hook(name: str, refuse: Callable[[str], Exception]):  # noqa: ANN205
+    def _hook(name: str, refuse: Callable[[str], Exception]):
         def hook(p: torch.Tensor) -> None:
             p.grad = None  # the non-private sum must never reach an optimizer
             raise refuse(name)

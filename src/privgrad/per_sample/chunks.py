@@ -157,3 +157,14 @@ def weighted_sum(factors: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         s = slice(start, min(start + step, B))
         out.addmv_(rows[s].T.to(wide), f[s])
     return out.view(grads.shape[1:])
+
+
+def scaled(factors: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """``factors[:, None, ...] * grads``: each sample's gradient times its factor.
+
+    In ``accumulation_dtype(grads.dtype)``: float32 for 16-bit ``grads`` (the product of a
+    float32 factor and a 16-bit value, not rounded back to 16 bits, whose norm is at most
+    ``C`` as the clipped sum has it); ``grads``' own dtype otherwise.
+    """
+    wide = accumulation_dtype(grads.dtype)
+    return factors.reshape(-1, *([1] * (grads.dim() - 1))).to(wide) * grads

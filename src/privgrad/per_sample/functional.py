@@ -61,7 +61,7 @@ def _check_no_randomness(path: str, module: nn.Module) -> None:
             )
 
 
-def per_sample_grads(
+def grads(
     call: Call,
     grad_outputs: list[torch.Tensor | None],
     batch_size: int,
@@ -238,12 +238,12 @@ def _gradient_is(out: torch.Tensor, g: torch.Tensor, source: bool) -> None:
         out.register_hook(lambda _: g)
 
 
-def _vmapped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, used,  # noqa: ANN001, ANN202
+def _vmapped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, used,
              sources):
     tensor_pos = [k for k, d in enumerate(in_dims) if d is not None]
     g_used = [grad_outputs[k] for k in used]
 
-    def sample_loss(p, batched, gs):  # noqa: ANN001, ANN202
+    def sample_loss(p, batched, gs):
         leaves = list(in_leaves)
         for k, x in zip(tensor_pos, batched, strict=True):
             leaves[k] = x.unsqueeze(in_dims[k])
@@ -263,7 +263,7 @@ def _vmapped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, u
     )(params, batched, g_used)
 
 
-def _whole(module, params, in_leaves, spec, grad_outputs, used, sources):  # noqa: ANN001, ANN202
+def _whole(module, params, in_leaves, spec, grad_outputs, used, sources):
     """Gradient of the whole call, as the single sample's gradient ``(1, *shape)``."""
     names = list(params)
     leaf_params = {n: p.detach().requires_grad_() for n, p in params.items()}
@@ -280,7 +280,7 @@ def _whole(module, params, in_leaves, spec, grad_outputs, used, sources):  # noq
             for n, g in zip(names, grads, strict=True)}
 
 
-def _looped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, used, B,  # noqa: ANN001, ANN202
+def _looped(module, params, in_leaves, in_dims, spec, grad_outputs, out_dims, used, B,
             sources):
     names = list(params)
     leaf_params = {n: p.detach().requires_grad_() for n, p in params.items()}

@@ -5,11 +5,12 @@ A recorded call goes through this path when its rule has ``squared_norms`` and
 parameter, or a module called twice, needs the per-sample sum of its contributions before
 the norm, so it is materialised instead), and its per-sample gradients would be large.
 Small per-sample gradients (``B × parameters <= DENSE_ELEMENTS``, and per sample at most
-twice the call's input plus output gradient) are materialised: they cost at most the
-layer's weight-gradient FLOPs once, and their clipped sum is then a cheap weighted sum,
-where book-keeping pays the norm and then the weight gradient again. A Linear on single
-vectors is always book-kept: its ghost norm ``|a|²·|g|²`` is next to free. In mode
-``"auto"`` one book-kept call per physical batch may be streamed instead (``stream.py``).
+twice the call's input plus output gradient) are materialised in mode ``"auto"``: they
+cost at most the layer's weight-gradient FLOPs once, and their clipped sum is then a
+cheap weighted sum, where book-keeping pays the norm and then the weight gradient again.
+A Linear on single vectors is always book-kept: its ghost norm ``|a|²·|g|²`` is next to
+free. Mode ``"ghost"`` book-keeps every call it can, with ghost formulas only. Each
+book-kept norm is computed by the formula ``policy`` picks from the rule's costs.
 Per-sample gradients are still available from the trace: they are materialised lazily
 from the same recorded ``A`` and ``G``.
 """
@@ -21,8 +22,9 @@ from collections.abc import Mapping
 
 import torch
 
-from privgrad.per_sample.batch import LayerIO
+from privgrad.per_sample import policy
 from privgrad.per_sample.chunks import HALF
+from privgrad.per_sample.layer_io import LayerIO
 
 DENSE_ELEMENTS = 1 << 21
 """Per-sample gradients of at most this many elements (``B`` × the call's parameters,
@@ -30,7 +32,7 @@ DENSE_ELEMENTS = 1 << 21
 
 
 def split(
-    ios: list[LayerIO], names: dict[int, str], batch_size: int
+    ios: list[LayerIO], names: dict[int, str], batch_size: int, small_dense: bool = True
 ) -> tuple[list[LayerIO], list[LayerIO]]:
     """Separates the calls that are book-kept from those whose gradients are materialised.
 
@@ -38,6 +40,8 @@ def split(
         ios: The recorded calls.
         names: ``id(parameter) -> name``.
         batch_size: ``B``.
+        small_dense: Materialise calls whose per-sample gradients are small (mode
+            ``"auto"``); ``False`` book-keeps every call that can be (mode ``"ghost"``).
 
     Returns:
         ``(ghost calls, calls to materialise)``.
@@ -48,9 +52,9 @@ def split(
         params = io.call.unit.params.values()
         rule = io.call.unit.rule
         alone = all(uses[names[id(p)]] == 1 for p in params)
-        ok = rule is not None and rule.squared_norms is not None and rule.clipped_sum is not None
+        ok = rule is not None and rule.norm_formulas is not None and rule.clipped_sum is not None
         size = sum(p.numel() for p in params if p.requires_grad)  # rules skip frozen ones
-        book_keep = ok and alone and not _small(io, size, batch_size)
+        book_keep = ok and alone and not (small_dense and _small(io, size, batch_size))
         (ghost if book_keep else dense).append(io)
     return ghost, dense
 
@@ -75,23 +79,26 @@ def per_sample_io(io: LayerIO, batch_size: int) -> int:
 
 
 def squared_norms(
-    ios: list[LayerIO], names: dict[int, str], strategy: str
+    ios: list[LayerIO], names: dict[int, str], ghost_only: bool = False
 ) -> dict[str, torch.Tensor]:
-    """``{param name: (B,)}`` squared per-sample norms of the ghost calls' parameters.
+    """``{param name: (B,)}`` squared per-sample norms of the book-kept calls' parameters.
 
-    Half-precision inputs are upcast to float32 first: a sum of squares over a whole
-    gradient overflows or loses most of its digits when accumulated in 16 bits, and a
-    norm rounded down to 16 bits would give a factor whose clipped contribution exceeds
-    ``C`` by up to ``2^-8`` relative. The norms (and so the factors) are float32.
+    Each by the formula ``policy.choose`` picks among the rule's (``ghost_only``: mode
+    ``"ghost"``). Half-precision inputs are upcast to float32 first: a sum of squares over
+    a whole gradient overflows or loses most of its digits when accumulated in 16 bits,
+    and a norm rounded down to 16 bits would give a factor whose clipped contribution
+    exceeds ``C`` by up to ``2^-8`` relative. The norms (and so the factors) are float32.
     """
     out = {}
     for io in ios:
         unit = io.call.unit
         A, G = _upcast_half(io.A), _upcast_half(io.G)
-        for attr, sq in unit.rule.squared_norms(unit.module, A, G, strategy).items():
+        formulas = unit.rule.norm_formulas(unit.module, A, G)
+        sq = policy.squared_norms(formulas, A.shape[0], G.device, ghost_only)
+        for attr, v in sq.items():
             p = unit.params.get(attr)
             if p is not None and p.requires_grad:
-                out[names[id(p)]] = sq
+                out[names[id(p)]] = v
     return out
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privgrad.per_sample import chunks
-from privgrad.per_sample.registry import LayerRule, register, trainable
+from privgrad.per_sample.rule import LayerRule, trainable
 
 
 def _chunked(
@@ -107,9 +107,11 @@ def instance_norm(module: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict[s
     return _affine(module, xhat, G, 1, leading=True)
 
 
-register(LayerRule(nn.LayerNorm, _chunked(layer_norm)))
-register(LayerRule(nn.GroupNorm, _chunked(group_norm)))
-for _t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
-    register(LayerRule(_t, _chunked(instance_norm)))
-if hasattr(nn, "RMSNorm"):
-    register(LayerRule(nn.RMSNorm, _chunked(rms_norm)))
+RULES = (
+    LayerRule(nn.LayerNorm, _chunked(layer_norm)),
+    LayerRule(nn.GroupNorm, _chunked(group_norm)),
+    *(LayerRule(t, _chunked(instance_norm))
+      for t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)),
+    *((LayerRule(nn.RMSNorm, _chunked(rms_norm)),) if hasattr(nn, "RMSNorm") else ()),
+)
+"""The normalisation layers' rules (per-sample gradients only: they are small)."""

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privgrad.per_sample import autotune, chunks
-from privgrad.per_sample.registry import LayerRule, register, trainable
+from privgrad.per_sample import chunks
+from privgrad.per_sample.rule import Formula, LayerRule, trainable
 
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -76,9 +76,9 @@ def _weight_grad(module: _Conv, A: torch.Tensor, G: torch.Tensor, folds: int) ->
 def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample gradients of a convolution.
 
-    By the convolution weight-gradient kernel with the batch folded into the groups, or
-    as ``G Aᵀ`` on the unfolded input in batch chunks, whichever was measured
-    faster for this layer shape.
+    As ``G Aᵀ`` on the unfolded input on the CPU, by the convolution weight-gradient
+    kernel with the batch folded into the groups elsewhere (``_weight_grads``); in batch
+    chunks either way.
 
     Args:
         module: The layer.
@@ -97,45 +97,31 @@ def per_sample_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[st
     return out
 
 
-def _key(tag: str, module: _Conv, A: torch.Tensor, G: torch.Tensor) -> tuple:
-    """What a measured choice for this layer depends on (``autotune.fastest``)."""
-    return (tag, module.kernel_size, module.stride, module.dilation, module.padding,
-            module.padding_mode, module.groups, tuple(A.shape[1:]), tuple(G.shape[1:]),
-            A.dtype, A.device.type, autotune.batch_bucket(A.shape[0]))
-
-
 def _weight_grads(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """``(B, *weight.shape)`` per-sample weight gradients, by the measured faster formula."""
+    """``(B, *weight.shape)`` per-sample weight gradients.
+
+    Both formulas take ``L·d·p`` multiply-adds per sample and group. On the CPU the
+    batched matmul on the unfolded input is used: PyTorch's CPU grouped weight-gradient
+    kernel slows down with the number of groups, which here is the batch chunk times the
+    layer's groups (docs/performance.md). On other devices the grouped kernel (cuDNN's
+    weight gradient, no im2col copy).
+    """
     B, g = A.shape[0], module.groups
     L, d, p = math.prod(G.shape[2:]), module.weight[0].numel(), module.out_channels // g
     if B == 0:
         return G.new_zeros(0, *module.weight.shape)
-
-    def grouped() -> torch.Tensor:
-        def chunk(s: slice) -> torch.Tensor:
-            b, a, o = A[s].shape[0], A[s], G[s]
-            if a.dtype in chunks.HALF and a.device.type == "cpu":
-                # PyTorch's CPU kernel runs a 16-bit grouped weight gradient one group at a
-                # time (2048 samples of a 16→16 Conv1d on 4 positions: 9 s); in float32,
-                # rounded once to the call's dtype, it is one fast call (and exact in float32)
-                return _weight_grad(module, a.float(), o.float(), folds=b).to(a.dtype).view(
-                    b, *module.weight.shape)
-            return _weight_grad(module, a, o, folds=b).view(b, *module.weight.shape)
-
-        # In chunks: the kernel's own buffers grow with the folded batch, and it slows
-        # down with many groups (the benchmark CNN's 64→64 conv on 8×8 at B = 64: 7.8 ms
-        # in one call, 1.5 ms in chunks of 16 samples).
-        return chunks.per_sample_chunked(chunk, B, g * d * p, A.device)
-
-    def unfold() -> torch.Tensor:
-        def chunk(s: slice) -> torch.Tensor:
+    if A.device.type == "cpu":
+        def unfold(s: slice) -> torch.Tensor:
             grads_t = _grads_by_unfold(module, A[s], G[s])
             return grads_t.transpose(1, 2).reshape(-1, *module.weight.shape)
 
-        return chunks.per_sample_chunked(chunk, B, g * (d * L + p * d), A.device)
+        return chunks.per_sample_chunked(unfold, B, g * (d * L + p * d), A.device)
 
-    return autotune.fastest(_key("conv-grads", module, A, G),
-                            {"grouped": grouped, "unfold": unfold})
+    def grouped(s: slice) -> torch.Tensor:
+        b = A[s].shape[0]
+        return _weight_grad(module, A[s], G[s], folds=b).view(b, *module.weight.shape)
+
+    return chunks.per_sample_chunked(grouped, B, g * d * p, A.device)
 
 
 def _unfolded(module: _Conv, A: torch.Tensor) -> torch.Tensor:
@@ -257,46 +243,27 @@ def _grads_by_unfold(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.T
     return torch.bmm(cols, right)
 
 
-def squared_norms(
-    module: _Conv, A: torch.Tensor, G: torch.Tensor, strategy: str = "cost"
-) -> dict[str, torch.Tensor]:
-    """Squared per-sample norms, by the ghost norm or by a materialised gradient.
+def norm_formulas(
+    module: _Conv, A: torch.Tensor, G: torch.Tensor
+) -> dict[str, dict[str, Formula]]:
+    """The exact formulas of the squared per-sample norms, with their costs.
 
-    With ``L`` output positions, ``d = C_in/groups · K`` and ``p = C_out/groups``:
+    With ``L`` output positions, ``P`` padded input positions, ``d = C_in/groups · K``,
+    ``c = C_in/groups`` and ``p = C_out/groups``, per sample and group:
 
-    * ghost: per group ``⟨A Aᵀ, G Gᵀ⟩`` over positions on the unfolded input;
-    * gram: the same ``⟨A Aᵀ, G Gᵀ⟩`` with ``A Aᵀ`` summed over the kernel offsets from
-      the Gram matrix of the padded input over its channels (``_gram_sq_norms``: up to
-      ``K``× fewer FLOPs for ``A Aᵀ`` at stride 1 on large images, more with large strides);
-    * grouped: the per-sample gradient from one weight-gradient kernel with the batch
-      folded into the groups, reduced at once;
-    * unfold: the per-sample gradient as ``G Aᵀ`` with a batched matmul.
-
-    ``strategy="cost"`` takes a ghost norm when ``2L² < d·p``, else grouped; ``"measure"``
-    times the candidates once per layer shape and keeps the fastest (ghost is not timed
-    when ``2L² > 4·d·p``, gram not when it needs over 4× the FLOPs of a materialised
-    gradient); ``"ghost"`` forces a ghost norm. A ghost norm is computed by whichever of
-    ghost and gram needs fewer FLOPs.
+    * ``ghost``: ``⟨A Aᵀ, G Gᵀ⟩`` over positions on the unfolded input, ``L²(d + p)``;
+    * ``gram``: the same with ``A Aᵀ`` summed over the kernel offsets from the Gram matrix
+      of the padded input over its channels (``_gram_sq_norms``),
+      ``P²(c + Σ(K_i − 1)) + L²(p + 1)``: fewer on small images with many channels;
+    * ``materialized``: the per-sample gradient (as ``_weight_grads`` forms it), ``L·d·p``.
 
     Returns:
-        ``{"weight": (B,), "bias": (B,)}``, trainable parameters only.
+        ``{"weight": {...}, "bias": {...}}``, trainable parameters only.
     """
-    out = {}
-    if trainable(module.weight):
-        out["weight"] = _weight_sq_norms(module, A, G, strategy)
-    if trainable(module.bias):
-        out["bias"] = chunks.squared_norms(G.flatten(2).sum(dim=2))
-    return out
-
-
-def _weight_sq_norms(
-    module: _Conv, A: torch.Tensor, G: torch.Tensor, strategy: str
-) -> torch.Tensor:
-    """``(B,)`` squared per-sample weight-gradient norms (see ``squared_norms``)."""
-    B, g = A.shape[0], module.groups
+    g = module.groups
     L, d, p = math.prod(G.shape[2:]), module.weight[0].numel(), module.out_channels // g
-    if B == 0:
-        return G.new_zeros(0)
+    padded = [size + lo + hi for size, (lo, hi) in zip(A.shape[2:], _pads(module), strict=True)]
+    P, c = math.prod(padded), module.in_channels // g
 
     def ghost(s: slice) -> torch.Tensor:
         a, b = A[s], A[s].shape[0]
@@ -304,41 +271,32 @@ def _weight_sq_norms(
         gram = torch.bmm(cols.transpose(1, 2), cols).mul_(_output_gram(G[s], g))
         return gram.sum((1, 2)).view(b, g).sum(1)
 
-    def grouped(s: slice) -> torch.Tensor:
+    def gram(s: slice) -> torch.Tensor:
+        return _gram_sq_norms(module, A[s], G[s])
+
+    def materialized(s: slice) -> torch.Tensor:  # as _weight_grads forms it, untransposed
         b = A[s].shape[0]
+        if A.device.type == "cpu":
+            return chunks.squared_norms(_grads_by_unfold(module, A[s], G[s]).view(b, -1))
         return chunks.squared_norms(_weight_grad(module, A[s], G[s], folds=b).view(b, -1))
 
-    def unfold(s: slice) -> torch.Tensor:
-        return chunks.squared_norms(_grads_by_unfold(module, A[s], G[s]).view(A[s].shape[0], -1))
+    def bias(s: slice) -> torch.Tensor:
+        return chunks.squared_norms(G[s].flatten(2).sum(dim=2))
 
-    padded = [size + lo + hi for size, (lo, hi) in zip(A.shape[2:], _pads(module), strict=True)]
-    P, c = math.prod(padded), module.in_channels // g
-    flops = {  # multiply-adds per sample and group
-        "ghost": L * L * (d + p), "grouped": L * d * p,
-        "gram": P * P * (c + sum(k - 1 for k in module.kernel_size)) + L * L * (p + 1)}
-    formulas = {  # formula, largest intermediate per sample
-        "ghost": (ghost, g * (d * L + 2 * L * L)),
-        "gram": (lambda s: _gram_sq_norms(module, A[s], G[s]),
-                 2 * g * P * P + module.in_channels * P),  # L ≤ P: S and G's Gram fit
-        "grouped": (grouped, g * p * d),
-        "unfold": (unfold, g * (d * L + p * d)),
-    }
-    cheaper_ghost = min(("ghost", "gram"), key=flops.__getitem__)
-    if strategy == "ghost":
-        names = [cheaper_ghost]
-    elif strategy == "measure":  # a ghost formula is not timed when it needs 4× the FLOPs
-        names = ["grouped", "unfold"] + (["ghost"] if 2 * L * L <= 4 * d * p else []) + (
-            ["gram"] if flops["gram"] <= 4 * flops["grouped"] else [])
-    else:
-        names = [cheaper_ghost if 2 * L * L < d * p else "grouped"]
-    candidates = {
-        n: (lambda fn=formulas[n][0], size=formulas[n][1]:
-            chunks.per_sample_chunked(fn, B, size, A.device))
-        for n in names
-    }
-    if len(candidates) == 1:
-        return next(iter(candidates.values()))()
-    return autotune.fastest(_key("conv", module, A, G), candidates)
+    out = {}
+    if trainable(module.weight):
+        out["weight"] = {
+            "ghost": Formula(ghost, g * L * L * (d + p), g * (d * L + 2 * L * L), ghost=True),
+            "gram": Formula(gram, g * (P * P * (c + sum(k - 1 for k in module.kernel_size))
+                                       + L * L * (p + 1)),
+                            2 * g * P * P + module.in_channels * P, ghost=True),
+            "materialized": Formula(materialized, g * L * d * p, g * (d * L + p * d),
+                                    ghost=False),
+        }
+    if trainable(module.bias):
+        out["bias"] = {"sum": Formula(bias, L * module.out_channels, module.out_channels,
+                                      ghost=True)}
+    return out
 
 
 def clipped_sum(
@@ -364,5 +322,6 @@ def clipped_sum(
     return out
 
 
-for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register(LayerRule(_t, per_sample_grads, squared_norms, clipped_sum))
+RULES = tuple(LayerRule(t, per_sample_grads, norm_formulas, clipped_sum)
+              for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+"""The convolution rules."""

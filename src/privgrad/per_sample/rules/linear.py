@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from privgrad.per_sample import chunks
-from privgrad.per_sample.registry import LayerRule, register, trainable
+from privgrad.per_sample.rule import Formula, LayerRule, trainable
 
 
 def _flat(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,52 +47,48 @@ def per_sample_grads(
     return out
 
 
-def use_ghost_norm(T: int, d: int, p: int) -> bool:
-    """The cost rule: ghost wins when ``2T² < d·p``.
-
-    The ghost norm ⟨AAᵀ, GGᵀ⟩ costs 2T²(d+p) per sample; materialising the gradient 2Tdp.
-    """
-    return 2 * T * T < d * p
-
-
-def squared_norms(
-    module: nn.Linear, A: torch.Tensor, G: torch.Tensor, strategy: str = "cost"
-) -> dict[str, torch.Tensor]:
-    """Squared per-sample gradient norms without materialising ``(B, p, d)`` unless cheaper.
+def norm_formulas(
+    module: nn.Linear, A: torch.Tensor, G: torch.Tensor
+) -> dict[str, dict[str, Formula]]:
+    """The exact formulas of the squared per-sample norms, with their costs.
 
     For ``T = 1`` the weight gradient is an outer product and its squared norm is
-    ``‖a‖²‖g‖²``. For ``T > 1`` the ghost norm is ``sum((A Aᵀ) ⊙ (G Gᵀ))``.
+    ``‖a‖²‖g‖²`` (``outer``). For ``T > 1``: the ghost norm ``sum((A Aᵀ) ⊙ (G Gᵀ))``
+    (``ghost``: ``T²(d + p)`` multiply-adds per sample, two ``T × T`` intermediates), or
+    the norm of the materialised ``Gᵀ A`` (``materialized``: ``T·d·p``, a ``p × d`` one).
 
     Args:
         module: The layer.
         A: Input ``(B, *, d)``.
         G: Output gradient ``(B, *, p)``.
-        strategy: ``"cost"`` or ``"measure"`` pick by the cost rule (reliable for a
-            matmul); ``"ghost"`` always uses the ghost formula.
 
     Returns:
-        ``{"weight": (B,), "bias": (B,)}``, trainable parameters only.
+        ``{"weight": {...}, "bias": {...}}``, trainable parameters only.
     """
     A3, G3 = _flat(A, G)
-    B, T, d, p = A3.shape[0], A3.shape[1], A3.shape[2], G3.shape[2]
+    T, d, p = A3.shape[1], A3.shape[2], G3.shape[2]
+
+    def outer(s: slice) -> torch.Tensor:
+        return chunks.squared_norms(A3[s]) * chunks.squared_norms(G3[s])
 
     def ghost(s: slice) -> torch.Tensor:
         a, g = A3[s], G3[s]
         return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
 
-    def materialised(s: slice) -> torch.Tensor:
+    def materialized(s: slice) -> torch.Tensor:
         return chunks.squared_norms(torch.bmm(G3[s].transpose(1, 2), A3[s]))
+
+    def bias(s: slice) -> torch.Tensor:
+        return chunks.squared_norms(_bias_grads(G3[s]))
 
     out = {}
     if trainable(module.weight):
-        if T == 1:
-            out["weight"] = chunks.squared_norms(A3) * chunks.squared_norms(G3)
-        elif strategy == "ghost" or use_ghost_norm(T, d, p):
-            out["weight"] = chunks.per_sample_chunked(ghost, B, 2 * T * T, A.device)
-        else:
-            out["weight"] = chunks.per_sample_chunked(materialised, B, p * d, A.device)
+        out["weight"] = {"outer": Formula(outer, d + p, 0, ghost=True)} if T == 1 else {
+            "ghost": Formula(ghost, T * T * (d + p), 2 * T * T, ghost=True),
+            "materialized": Formula(materialized, T * d * p, p * d, ghost=False),
+        }
     if trainable(module.bias):
-        out["bias"] = chunks.squared_norms(_bias_grads(G3))
+        out["bias"] = {"sum": Formula(bias, T * p, p, ghost=True)}
     return out
 
 
@@ -168,4 +164,5 @@ def _weighted_weight_grad(A3: torch.Tensor, G3: torch.Tensor, f: torch.Tensor) -
     return out
 
 
-register(LayerRule(nn.Linear, per_sample_grads, squared_norms, clipped_sum))
+RULES = (LayerRule(nn.Linear, per_sample_grads, norm_formulas, clipped_sum),)
+"""The Linear rule."""

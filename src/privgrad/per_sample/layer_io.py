@@ -243,7 +243,7 @@ def check_batch_sizes(ios: list[LayerIO], batch_size: int) -> None:
             )
 
 
-def per_sample_grads(
+def materialize(
     ios: list[LayerIO],
     names: dict[int, str],
     batch_size: int,
@@ -277,7 +277,7 @@ def per_sample_grads(
             at_step = None if snapshot is None else {
                 rel: snapshot.get(id(p), p) for rel, p in unit.params.items()
             }
-            grads = functional.per_sample_grads(io.call, io.grads, batch_size, samples, at_step,
+            grads = functional.grads(io.call, io.grads, batch_size, samples, at_step,
                                                 io.batch_dims, io.sources)
         for rel, g in grads.items():
             p = unit.params.get(rel)

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from privgrad.per_sample.chunks import accumulation_dtype
-from privgrad.per_sample.registry import LayerRule, register
+from privgrad.per_sample.rule import Formula, LayerRule
 
 
-def _rows(module: nn.Embedding, A: torch.Tensor, G: torch.Tensor):  # noqa: ANN202
+def _rows(module: nn.Embedding, A: torch.Tensor, G: torch.Tensor):
     """Token ids ``(B, T)`` and gradient rows ``(B, T, D)``, padding rows zeroed."""
     B, D = A.shape[0], module.embedding_dim
     idx = A.reshape(B, -1).long()
@@ -19,25 +19,32 @@ def _rows(module: nn.Embedding, A: torch.Tensor, G: torch.Tensor):  # noqa: ANN2
     return idx, rows
 
 
-def squared_norms(
-    module: nn.Embedding, A: torch.Tensor, G: torch.Tensor, strategy: str = "cost"
-) -> dict[str, torch.Tensor]:
+def norm_formulas(
+    module: nn.Embedding, A: torch.Tensor, G: torch.Tensor
+) -> dict[str, dict[str, Formula]]:
     """Squared per-sample norms by summing gradient rows per unique (sample, token).
 
     Never builds the ``(B, V, D)`` gradient nor a ``B·T·V`` one-hot: memory ``O(B·T·D)``.
 
     Returns:
-        ``{"weight": (B,)}``.
+        ``{"weight": {"rows": Formula}}``.
     """
-    B, V = A.shape[0], module.num_embeddings
-    idx, rows = _rows(module, A, G)
-    key = (idx + V * torch.arange(B, device=idx.device).unsqueeze(1)).reshape(-1)
-    uniq, inverse = torch.unique(key, return_inverse=True)
-    summed = rows.new_zeros(len(uniq), rows.shape[-1])
-    summed.index_add_(0, inverse, rows.reshape(-1, rows.shape[-1]))
-    sq = rows.new_zeros(B)
-    sq.index_add_(0, torch.div(uniq, V, rounding_mode="floor"), summed.square().sum(1))
-    return {"weight": sq}
+    T, D = A[0].numel(), module.embedding_dim
+
+    def rows(s: slice) -> torch.Tensor:
+        a, b = A[s], A[s].shape[0]
+        V = module.num_embeddings
+        idx, grad_rows = _rows(module, a, G[s])
+        key = (idx + V * torch.arange(b, device=idx.device).unsqueeze(1)).reshape(-1)
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        summed = grad_rows.new_zeros(len(uniq), grad_rows.shape[-1])
+        summed.index_add_(0, inverse, grad_rows.reshape(-1, grad_rows.shape[-1]))
+        sq = grad_rows.new_zeros(b)
+        sq.index_add_(0, torch.div(uniq, V, rounding_mode="floor"), summed.square().sum(1))
+        return sq
+
+    # One pass over the sample's T rows; the whole batch at once (its sort is global).
+    return {"weight": {"rows": Formula(rows, flops=T * D, memory=0, ghost=True)}}
 
 
 def clipped_sum(
@@ -80,4 +87,5 @@ def per_sample_grads(
     return {"weight": grad.view(B, V, D)}
 
 
-register(LayerRule(nn.Embedding, per_sample_grads, squared_norms, clipped_sum))
+RULES = (LayerRule(nn.Embedding, per_sample_grads, norm_formulas, clipped_sum),)
+"""The embedding rule."""

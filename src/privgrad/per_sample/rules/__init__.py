@@ -1,0 +1,1 @@
+"""One file per layer family: its per-sample gradients, norm formulas and clipped sum."""

@@ -1,0 +1,1 @@
+"""One logical step, as a straight line: ``clip_batch`` per physical batch, then ``release``."""
