@@ -8,7 +8,9 @@ doing one full training step (forward, backward, optimizer step, zero_grad) and 
 - ``non-private + noise``: the same, plus drawing the Gaussian noise of a DP step for every
   parameter (``normal_`` with PyTorch's CPU generator, as privgrad and Opacus draw it) and
   adding it to the gradient: the floor under any DP-SGD step that uses PyTorch's sampler.
-- ``privgrad <mode>``: ``DPEngine(model, ..., mode=<mode>)``; ``engine.backward(losses)``.
+- ``privgrad <mode>``: ``DPEngine(model, ..., mode=<mode>)``; ``engine.backward(losses)``;
+  ``privgrad auto (sum not kept)`` adds ``keep_clipped_sum=False`` (the trace does not hold
+  the clipped sum; the noise is added into it in place).
   Construction raising ``ValueError`` (e.g. a mode this build does not have) makes the
   configuration "n/a".
 - ``opacus hooks``: ``GradSampleModule`` + ``DPOptimizer`` (what
@@ -42,6 +44,7 @@ CONFIGS = (
     "non-private",
     "non-private + noise",
     "privgrad auto",
+    "privgrad auto (sum not kept)",
     "privgrad ghost",
     "privgrad materialize",
     "opacus hooks",
@@ -104,9 +107,11 @@ def _privgrad(
 ) -> Runner:
     import privgrad
 
+    mode, _, not_kept = mode.partition(" (")  # "auto (sum not kept)": keep_clipped_sum=False
     try:
         engine = privgrad.DPEngine(
-            model, noise_multiplier=SIGMA, max_grad_norm=CLIP, expected_batch_size=B, mode=mode
+            model, noise_multiplier=SIGMA, max_grad_norm=CLIP, expected_batch_size=B, mode=mode,
+            **({"keep_clipped_sum": False} if not_kept else {}),
         )
     except ValueError as e:
         raise NotAvailableError(f"{type(e).__name__}: {e}") from e

@@ -61,8 +61,6 @@ def test_the_fewest_flops_win_and_ties_go_to_the_first_listed():
 
     assert policy.choose({"a": f(5, True), "b": f(3, False)}) == "b"
     assert policy.choose({"a": f(3, True), "b": f(3, False)}) == "a"
-    assert policy.choose({"a": f(9, True), "b": f(3, False)}, ghost_only=True) == "a"
-    assert policy.choose({"b": f(3, False)}, ghost_only=True) == "b"  # no ghost formula
 
 
 def test_a_policy_choice_does_not_depend_on_the_batch_size():

@@ -90,7 +90,7 @@ class DPEngine:
             FLOPs, ``per_sample.policy``; a layer whose per-sample gradients are small,
             ``per_sample.ghost.DENSE_ELEMENTS`` and per sample at most twice its input and
             output gradient, is materialised instead) | ``"ghost"`` (book-keeping of every
-            layer with a rule, by ghost formulas only) | ``"materialize"`` (every
+            layer with a rule, small ones too) | ``"materialize"`` (every
             per-sample gradient) | ``"vmap"`` (torch.func for every layer): performance
             only, the result is the same in every mode up to floating-point rounding, and
             bit for bit the same in every run for a given mode (no timing decides).

@@ -8,25 +8,23 @@ without a dedicated secure sampler, it is not hardened against floating-point at
 who knows the seed can subtract the noise.
 
 Cost: drawing the Gaussians is the one part of a private step with no counterpart in
-non-private training (on a 2-core CPU, 1.3 ms for 0.5 M parameters on an idle machine,
-1.45 ms inside a training step: close to a small MLP's whole step). The noise is written
-into the tensors that become ``p.grad``, so a step never holds a separate noise tensor:
-either added to the clipped sum in place, ``CHUNK`` values at a time (``add_gaussian``), or
-written first, the clipped sum added after (``fill_gaussian``). The values are not kept
+non-private training (on a 2-core CPU about as long as a small MLP's whole step:
+docs/performance.md). The noise is written into the tensors that become ``p.grad``, so a
+step never holds a separate noise tensor: added ``CHUNK`` values at a time
+(``add_gaussian``), or written first (``fill_gaussian``). The values are not kept
 either: a ``NoiseDraw`` records the generator state before the draw and draws exactly the
 same values again on request. Every path draws each tensor in the same chunks, so the
 three give the same values for the same generator state.
 
 Precision: the engine's clipped sums are float32 or wider (a 16-bit parameter's is
 float32), so its noise is drawn and added in float32 or wider; rounding to a 16-bit
-``p.grad`` happens once, after (``privgrad.release``). A 16-bit target given directly
+``p.grad`` happens once, after (``privgrad.step.release``). A 16-bit target given directly
 still gets float32 draws rounded to its dtype (``_sampling_dtype``).
 
-PyTorch's CPU sampler runs on one core. Drawing on a second thread, either the next step's
-noise in the background or half of this step's (independent generators per chunk), was
-measured slower on 2 cores: after the step's kernels PyTorch's OpenMP workers keep spinning
-on the other core, and a second drawing thread gets half of it (0.5 M values: 0.80 ms on an
-idle machine, 1.6 ms inside the training step, against 1.29 and 1.45 ms drawn serially).
+PyTorch's CPU sampler runs on one core. Drawing on a second thread (the next step's noise
+in the background, or half of this step's) is slower on 2 cores: after the step's kernels
+PyTorch's OpenMP workers keep spinning on the other core, and a second drawing thread gets
+half of it (measurements in docs/performance.md).
 """
 
 from __future__ import annotations
@@ -40,8 +38,8 @@ import torch
 CHUNK = 1 << 15
 """Values drawn per sampler call on the CPU. The buffer of ``add_gaussian`` (128 KiB of
 float32) stays in the core's cache while its values are added, and it is the only
-memory the noise adds to a step whose gradients are already all alive; 64 K values were
-0.05 ms faster per 0.5 M but added 128 KiB more at the step's peak."""
+memory the noise adds to a step whose gradients are already all alive; larger buffers
+buy little time for more peak memory (docs/performance.md)."""
 
 CHUNK_ACCELERATOR = 1 << 22
 """Values drawn per sampler call on other devices (fewer, larger kernel launches)."""

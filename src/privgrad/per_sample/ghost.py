@@ -9,8 +9,8 @@ twice the call's input plus output gradient) are materialised in mode ``"auto"``
 cost at most the layer's weight-gradient FLOPs once, and their clipped sum is then a
 cheap weighted sum, where book-keeping pays the norm and then the weight gradient again.
 A Linear on single vectors is always book-kept: its ghost norm ``|a|²·|g|²`` is next to
-free. Mode ``"ghost"`` book-keeps every call it can, with ghost formulas only. Each
-book-kept norm is computed by the formula ``policy`` picks from the rule's costs.
+free. Mode ``"ghost"`` book-keeps every call it can. Each book-kept norm is computed by
+the formula ``policy`` picks from the rule's costs.
 Per-sample gradients are still available from the trace: they are materialised lazily
 from the same recorded ``A`` and ``G``.
 """
@@ -78,23 +78,21 @@ def per_sample_io(io: LayerIO, batch_size: int) -> int:
     return (io.A.numel() + io.G.numel()) // max(batch_size, 1)
 
 
-def squared_norms(
-    ios: list[LayerIO], names: dict[int, str], ghost_only: bool = False
-) -> dict[str, torch.Tensor]:
+def squared_norms(ios: list[LayerIO], names: dict[int, str]) -> dict[str, torch.Tensor]:
     """``{param name: (B,)}`` squared per-sample norms of the book-kept calls' parameters.
 
-    Each by the formula ``policy.choose`` picks among the rule's (``ghost_only``: mode
-    ``"ghost"``). Half-precision inputs are upcast to float32 first: a sum of squares over
-    a whole gradient overflows or loses most of its digits when accumulated in 16 bits,
-    and a norm rounded down to 16 bits would give a factor whose clipped contribution
-    exceeds ``C`` by up to ``2^-8`` relative. The norms (and so the factors) are float32.
+    Each by the formula ``policy.choose`` picks among the rule's. Half-precision inputs
+    are upcast to float32 first: a sum of squares over a whole gradient overflows or loses
+    most of its digits when accumulated in 16 bits, and a norm rounded down to 16 bits
+    would give a factor whose clipped contribution exceeds ``C`` by up to ``2^-8``
+    relative. The norms (and so the factors) are float32.
     """
     out = {}
     for io in ios:
         unit = io.call.unit
         A, G = _upcast_half(io.A), _upcast_half(io.G)
         formulas = unit.rule.norm_formulas(unit.module, A, G)
-        sq = policy.squared_norms(formulas, A.shape[0], G.device, ghost_only)
+        sq = policy.squared_norms(formulas, A.shape[0], G.device)
         for attr, v in sq.items():
             p = unit.params.get(attr)
             if p is not None and p.requires_grad:

@@ -67,7 +67,7 @@ def _input_patterns(tree: object, B: int, out: list) -> None:
     """Appends the size-``B`` pattern of every tensor in ``tree``, ``None`` per other leaf.
 
     Called on every recorded call of every step, so it walks plain tuples, lists and dicts
-    itself (``tree_flatten`` cost ~80 µs a call: 15% of a step of a deep narrow model).
+    itself (``tree_flatten`` is slow enough to show on deep narrow models: docs/performance.md).
     Anything else goes to ``tree_flatten``, so no tensor a pytree node holds is missed;
     descending into a tuple subclass that pytree leaves whole only distinguishes more.
     """

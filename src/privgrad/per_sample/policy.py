@@ -4,9 +4,8 @@
 multiply-adds per sample, a materialised gradient ``T·d·p``, a convolution's Gram-matrix
 norm fewer than either on small images with many channels. Each rule states the cost
 of each of its formulas from the shapes (``rule.Formula``); the policy takes the fewest
-multiply-adds (a tie goes to the formula the rule lists first), among the ghost formulas
-only when ``ghost_only`` (mode ``"ghost"``). The choice is a function of the shapes and
-the mode alone: the same in every run, every process and every engine.
+multiply-adds (a tie goes to the formula the rule lists first). The choice is a function
+of the shapes alone: the same in every run, every process and every engine.
 """
 
 from __future__ import annotations
@@ -19,16 +18,13 @@ from privgrad.per_sample import chunks
 from privgrad.per_sample.rule import Formula
 
 
-def choose(formulas: Mapping[str, Formula], ghost_only: bool = False) -> str:
+def choose(formulas: Mapping[str, Formula]) -> str:
     """The name of the formula to run (see the module doc).
 
     Args:
         formulas: ``{name: Formula}`` as a rule lists them.
-        ghost_only: Only ghost formulas, if there are any.
     """
-    pool = [n for n, f in formulas.items() if f.ghost] if ghost_only else []
-    pool = pool or list(formulas)
-    return min(pool, key=lambda n: formulas[n].flops)  # min keeps the first of equals
+    return min(formulas, key=lambda n: formulas[n].flops)  # min keeps the first of equals
 
 
 def run(formula: Formula, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -40,7 +36,6 @@ def squared_norms(
     formulas: Mapping[str, Mapping[str, Formula]],
     batch_size: int,
     device: torch.device,
-    ghost_only: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``{attr: (B,)}``: each parameter's squared norms by its chosen formula."""
-    return {a: run(fs[choose(fs, ghost_only)], batch_size, device) for a, fs in formulas.items()}
+    return {a: run(fs[choose(fs)], batch_size, device) for a, fs in formulas.items()}

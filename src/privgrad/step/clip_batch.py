@@ -84,7 +84,7 @@ def clip_batch(
         psg = materialize(dense_ios, names, B)
     else:
         psg = {n: p.new_zeros(0, *p.shape) for n, p in trainable.items()}
-    layer_sq = ghost.squared_norms(ghost_ios, names, ghost_only=mode == "ghost")
+    layer_sq = ghost.squared_norms(ghost_ios, names)
     layer_sq |= {n: chunks.squared_norms(g) for n, g in psg.items()}
     guards.check_complete(trainable, layer_sq)
     layer_sq = {n: layer_sq[n] for n in trainable}

@@ -5,8 +5,9 @@ expected_batch_size``, per parameter.
 
 Two ways to write it, the same bits either way (IEEE addition commutes):
 
-- **held** (the default): the noise is added into a copy of the clipped sum; the clipped
-  sum stays as it is, for the trace (one parameter-sized tensor beside ``p.grad``);
+- **held** (the default): the noise is drawn into a new tensor and the clipped sum added
+  (faster than adding the noise chunk by chunk into a copy: two whole-tensor passes); the
+  clipped sum stays as it is, for the trace (one parameter-sized tensor beside ``p.grad``);
 - **not held** (``DPEngine(keep_clipped_sum=False)``, for memory-bound steps): the noise
   is added into the clipped sum's own tensors, which become the private gradient; the
   trace then says that the clipped sum was not kept.
@@ -72,10 +73,14 @@ def release(
     clipped = {n: _sum(r.clipped_sum[n] for r in results) for n in names}
     if all_ranks:  # the sum over every rank's samples, before the noise
         clipped = dist.all_reduce_sum(clipped)
-    private = {n: s.clone(memory_format=torch.contiguous_format) if hold else s.contiguous()
-               for n, s in clipped.items()}
-    draw = noise.add_gaussian(private, std, expected_batch_size)
-    return Released(private, draw, clipped if hold else None)
+    if not hold:
+        private = {n: s.contiguous() for n, s in clipped.items()}
+        return Released(private, noise.add_gaussian(private, std, expected_batch_size), None)
+    private = {n: torch.empty(s.shape, dtype=s.dtype, device=s.device) for n, s in clipped.items()}
+    draw = noise.fill_gaussian(private, std)
+    for n, g in private.items():
+        g.add_(clipped[n]).div_(expected_batch_size)  # (noise + sum) / n: the same bits as
+    return Released(private, draw, clipped)  # (sum + noise) / n, IEEE addition commutes
 
 
 def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -129,9 +129,8 @@ def _unfolded(module: _Conv, A: torch.Tensor) -> torch.Tensor:
 
     The patches are a strided view of the padded input (kernel offsets step by the
     dilation, output positions by the stride), copied once into the layout of
-    ``F.unfold`` (channel, then kernel offsets; positions last); that one copy was measured
-    3–10× faster than ``F.unfold``'s kernel on the benchmark CNN's layers (CPU), and it
-    also covers 3d.
+    ``F.unfold`` (channel, then kernel offsets; positions last): one copy, faster than
+    ``F.unfold``'s kernel on the CPU (docs/performance.md), and it also covers 3d.
     """
     A = _fully_padded(module, A)
     n = len(module.kernel_size)
@@ -168,8 +167,8 @@ def _gram_sq_norms(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.Ten
     ``Σ_k M[o·s + k·δ, o'·s + k·δ]`` (stride ``s``, dilation ``δ``, kernel offsets ``k``),
     where ``M = Xᵀ X`` is the Gram matrix of the padded input over its channels. So ``A Aᵀ``
     needs ``P²·c`` multiply-adds for ``M`` (``P`` padded positions, ``c = C_in/groups``)
-    instead of ``L²·c·K`` on the unfolded input: ``K·(L/P)²`` times fewer (9 × (64/100)²
-    ≈ 3.7 for a 3×3 conv on 8×8 at padding 1). The sum over the kernel offsets is taken on
+    instead of ``L²·c·K`` on the unfolded input: ``K·(L/P)²`` times fewer. The sum over the
+    kernel offsets is taken on
     ``M`` flattened (``_diagonal_shift_sums``), then the output positions' entries are read
     from it through one strided view.
     """
@@ -205,7 +204,7 @@ def _diagonal_shift_sums(
     inside the padded input. So the sum is separable: one
     pass per spatial dimension adds ``kernel_size[i]`` contiguous slices, ``Σ_i (K_i - 1)``
     additions over ``P²`` values in all (a 3×3 kernel: 4 instead of 8 strided ones over the
-    output positions, 7× faster for the benchmark CNN's 64→64 conv on 8×8). The result is
+    output positions). The result is
     ``s_max·(P + 1)`` shorter than ``P²``: every ``(u, v)`` of an output position is kept.
     """
     cur = held.pop()
@@ -238,8 +237,8 @@ def _grads_by_unfold(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> torch.T
     cols = _unfolded(module, A)
     cols = cols.reshape(B * g, cols.shape[2], cols.shape[3])
     right = G.reshape(B * g, module.out_channels // g, -1).transpose(1, 2)
-    if right.dtype in chunks.HALF:  # PyTorch's CPU bmm of a transposed 16-bit operand was
-        right = right.contiguous()  # 80× slower (546 samples of 48×4 @ 4×16: 1.8 s, 0.02 s)
+    if right.dtype in chunks.HALF:  # PyTorch's CPU bmm of a transposed 16-bit operand is
+        right = right.contiguous()  # far slower than of a contiguous one (docs/performance.md)
     return torch.bmm(cols, right)
 
 

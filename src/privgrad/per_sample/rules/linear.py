@@ -128,8 +128,8 @@ SCALED_ELEMENTS = 1 << 15
 (128 KiB of float32), unless that would take more than ``MAX_SCALED_CHUNKS`` chunks."""
 
 MAX_SCALED_CHUNKS = 4
-"""At most this many chunks (matmuls) per ``clipped_sum``: a transformer's Linear layers
-at B = 256 in chunks of 128 KiB took 64 matmuls each, and the step 6% longer."""
+"""At most this many chunks (matmuls) per ``clipped_sum``: many small matmuls cost more than
+the scaled copies they save (docs/performance.md)."""
 
 
 def _weighted_weight_grad(A3: torch.Tensor, G3: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
