@@ -3,7 +3,7 @@
 ``clipped_batch_gradients`` returns the sum of per-sample gradients, each clipped on its
 whole-gradient L2 norm (all parameters together), divided by a denominator, with no noise
 and no side effects (``p.grad`` untouched, no ledger). It runs the same per-sample core as
-``DPEngine`` (``per_sample`` capture and rules, ``physical.clip_batch``).
+``DPEngine`` (``per_sample`` capture and rules, ``step.clip_batch``).
 
 Formal guarantees:
     None by itself: the result is NOT private. Its L2 sensitivity, the most one sample can
