@@ -66,7 +66,9 @@ class LayerRule:
 
     Attributes:
         module_type: The ``nn.Module`` subclass the rule applies to (exact type match,
-            so that subclasses with a different forward fall back to the generic path).
+            so that subclasses with a different forward fall back to the generic path);
+            ``nn.Module`` itself for a rule matched by class name
+            (``registry.NAMED_RULES``).
         per_sample_grads: Materialises per-sample gradients.
         norm_formulas: Optional: the exact formulas of the squared per-sample norms,
             with their costs (book-keeping needs it and ``clipped_sum``).

@@ -166,3 +166,42 @@ def _weighted_weight_grad(A3: torch.Tensor, G3: torch.Tensor, f: torch.Tensor) -
 
 RULES = (LayerRule(nn.Linear, per_sample_grads, norm_formulas, clipped_sum),)
 """The Linear rule."""
+
+
+# Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's attention and MLP): a Linear
+# whose weight is stored transposed, ``(d, p)``: ``y = x @ W + b``. Its per-sample
+# gradients are the transposes of a Linear's, so the norms are the same formulas.
+
+
+def conv1d_per_sample_grads(
+    module: nn.Module, A: torch.Tensor, G: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``{"weight": (B, d, p), "bias": (B, p)}`` of a ``Conv1D``, trainable parameters only."""
+    A3, G3 = _flat(A, G)
+    out = {}
+    if trainable(module.weight):
+        out["weight"] = torch.bmm(A3.transpose(1, 2), G3)
+    if trainable(module.bias):
+        out["bias"] = _bias_grads(G3)
+    return out
+
+
+def conv1d_clipped_sum(
+    module: nn.Module, A: torch.Tensor, G: torch.Tensor, factors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``{"weight": (d, p), "bias": (p,)}``: ``sum_i f_i g_i`` of a ``Conv1D``."""
+    A3, G3 = _flat(A, G)
+    out = {}
+    if "weight" in factors:
+        out["weight"] = _weighted_weight_grad(G3, A3, factors["weight"])  # Σ f Aᵀ G
+    if "bias" in factors:
+        wide = chunks.accumulation_dtype(G3.dtype)
+        out["bias"] = factors["bias"].to(wide) @ _bias_grads(G3, wide)
+    return out
+
+
+NAMED_RULES = {
+    "transformers.pytorch_utils.Conv1D": LayerRule(
+        nn.Module, conv1d_per_sample_grads, norm_formulas, conv1d_clipped_sum),
+}
+"""Rules for classes of optional libraries, by ``module.qualname`` (never imported here)."""

@@ -81,6 +81,19 @@ def rms_norm(module: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict[str, t
     return _affine(module, xhat, G, len(shape), leading=False)
 
 
+def hf_rms_norm(module: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The RMSNorm of Llama, Qwen2 and Mistral in ``transformers``: weight ``(D,)``.
+
+    Their forward normalises in float32 and casts back to the input's dtype before the
+    weight multiplies: ``weight * (x·rsqrt(mean(x²) + ε)).to(x.dtype)``, ε in
+    ``variance_epsilon``.
+    """
+    x = A.float()
+    rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    xhat = (x * rms).to(A.dtype)
+    return _affine(module, xhat, G, 1, leading=False)
+
+
 def group_norm(module: nn.GroupNorm, A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
     """GroupNorm: ``A (B, C, *spatial)``; params ``(C,)``."""
     xhat = F.group_norm(A, module.num_groups, None, None, module.eps)
@@ -115,3 +128,11 @@ RULES = (
     *((LayerRule(nn.RMSNorm, _chunked(rms_norm)),) if hasattr(nn, "RMSNorm") else ()),
 )
 """The normalisation layers' rules (per-sample gradients only: they are small)."""
+
+NAMED_RULES = {
+    f"transformers.models.{family}.modeling_{family}.{cls}":
+        LayerRule(nn.Module, _chunked(hf_rms_norm))
+    for family, cls in (("llama", "LlamaRMSNorm"), ("qwen2", "Qwen2RMSNorm"),
+                        ("mistral", "MistralRMSNorm"))
+}
+"""Hugging Face's RMSNorm classes, by ``module.qualname`` (``transformers`` is not imported)."""
