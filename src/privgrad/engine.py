@@ -48,6 +48,7 @@ from privgrad.step.clip_batch import (
     clip_batch,
     self_check_rtol,
     self_check_samples,
+    self_check_weights,
 )
 from privgrad.step.release import release
 from privgrad.trace import KEEP_OPTIONS, Segment, StepTrace
@@ -101,8 +102,10 @@ class DPEngine:
             ``noise_multiplier`` and ``sample_rate`` may be changed between steps; each
             step is recorded in ``engine.ledger`` with the values it used.
         self_check: Verify, on the first step with at least 2 samples in a physical batch,
-            that the per-sample gradients add up to the ordinary batch gradient, that
-            sample 0's is autograd's gradient of ``losses[0]``, and that no loss depends
+            that the per-sample gradients, weighted unequally as clip factors weight
+            them, add up to autograd's gradient of the same weighted losses, that sample
+            0's is autograd's gradient of ``losses[0]``, that the norms the factors come
+            from are those of samples 0's and ``B-1``'s gradients, and that no loss depends
             on another sample's model input (``∂losses[i]/∂x[j] = 0`` for ``i != j``,
             through the model's floating inputs and the outputs of layers fed token ids:
             catches batch statistics or mixup inside the forward and in-batch losses).
@@ -387,7 +390,8 @@ class DPEngine:
                 raise guards.not_connected(losses)
             if self.self_check and not self._verified:
                 checked = self_check_samples(calls, trainable, B)  # all, or a few in 16 bits
-                reference = _autograd(losses[:checked].sum(), trainable)
+                w = self_check_weights(B, checked, losses.device)[:checked].to(losses.dtype)
+                reference = _autograd((w * losses[:checked]).sum(), trainable)
                 reference_one = _autograd(losses[0], trainable) if B > 1 else None
                 mixing = guards.sample_mixing(losses, marked)
             ios = output_grads(losses, calls, self._layouts)
@@ -396,11 +400,12 @@ class DPEngine:
             check_batch_sizes(ios, B)
         result = clip_batch(ios, self._names, trainable, self.plan, B, self.mode, keep, reference,
                             checked)
-        if reference_one is not None:
-            one = materialize(ios, self._names, B, torch.zeros(1, dtype=torch.long,
-                                                                    device=losses.device))
+        if reference_one is not None:  # samples 0 and B-1: their gradients and their norms
+            ends = torch.tensor([0, B - 1], device=losses.device)
+            two = materialize(ios, self._names, B, ends)
             rtol = self_check_rtol(ios, trainable)
-            guards.check_sample(reference_one, {n: one[n] for n in trainable}, 0, rtol)
+            guards.check_sample(reference_one, {n: two[n][:1] for n in trainable}, 0, rtol)
+            guards.check_norms(result.layer_sq, {n: two[n] for n in trainable}, [0, B - 1], rtol)
             guards.check_no_mixing(mixing, rtol)
             self._verified = True
         guards.check_forward_writes(self._capture.take_pass_writes(), during="backward")

@@ -166,15 +166,15 @@ def self_check(
     scales: Mapping[str, torch.Tensor],
     rtol: float = 1e-3,
 ) -> None:
-    """Compares the sum of per-sample gradients with autograd's batch gradient.
+    """Compares a weighted sum of per-sample gradients with autograd's batch gradient.
 
     A mismatch means a parameter was used outside the module that owns it (e.g. a tied
     weight used as ``x @ emb.weight.T`` in a parent's forward) or a layer mixes samples.
 
     Args:
-        reference: ``{name: grad of losses.sum()}`` from ordinary autograd.
-        sums: ``{name: p.shape}`` sum over samples of the per-sample gradients.
-        scales: ``{name: ()}`` sum over samples of the per-sample gradient norms.
+        reference: ``{name: grad of (w * losses).sum()}`` from ordinary autograd.
+        sums: ``{name: p.shape}`` ``Σ_i w_i g_i`` as the clipped sum computes it.
+        scales: ``{name: ()}`` ``Σ_i w_i ‖g_i‖``.
         rtol: Tolerance relative to ``scales[name]``; a floor of ``sqrt(eps)`` times the
             largest scale absorbs rounding in parameters whose batch gradient cancels.
     """
@@ -190,9 +190,11 @@ def self_check(
                 f"privgrad: the per-sample gradients of '{name}' do not add up to its batch "
                 f"gradient (relative error {err / scale:.2e}). The parameter is used outside "
                 "the forward of the module that owns it (e.g. a tied weight used as "
-                "h @ embedding.weight.T in a parent module), or a layer mixes samples. Fix: "
-                "use the owning module to apply it (e.g. an nn.Linear whose weight is the "
-                "tied Parameter), or report the model structure as a bug."
+                "h @ embedding.weight.T in a parent module), or a layer mixes samples, or "
+                "privgrad's rule for its layer weights the samples wrongly (the check weights "
+                "them unequally). Nothing was released. Fix: use the owning module to apply "
+                "it (e.g. an nn.Linear whose weight is the tied Parameter), or report the "
+                "model structure as a bug."
             )
 
 
@@ -232,6 +234,44 @@ def check_sample(
                 "sample alone, and replace sample-mixing layers "
                 "(privgrad.validate.problems(model) lists known ones)."
             )
+
+
+def check_norms(
+    layer_sq: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor],
+    samples: Sequence[int],
+    rtol: float = 1e-3,
+) -> None:
+    """Compares the per-sample norms the factors come from with the gradients' own norms.
+
+    The norms of book-kept calls come from a rule's norm formula (a ghost norm, a Gram
+    matrix), not from the gradient, so the gradient checks (``self_check``,
+    ``check_sample``) do not see a formula that is wrong. A norm that is too small gives
+    a factor that lets the sample contribute more than ``C``: checked at two samples
+    (the first and the last: a formula that mixes up samples is off at one of them).
+
+    Args:
+        layer_sq: ``{name: (B,)}`` squared per-sample norms as the step clips with them.
+        grads: ``{name: (k, *shape)}`` materialised gradients of ``samples``.
+        samples: The ``k`` sample indices ``grads`` holds.
+        rtol: Tolerance relative to the norm of the sample's whole gradient.
+    """
+    for j, i in enumerate(samples):
+        norms = {n: float(g[j].double().norm()) for n, g in grads.items()}
+        total = sum(v * v for v in norms.values()) ** 0.5
+        for name, want in norms.items():
+            got = float(layer_sq[name][i].double().sqrt())
+            eps = torch.finfo(grads[name].dtype).eps
+            if abs(got - want) > rtol * total + eps ** 0.5 * max(norms.values()):
+                raise UnsupportedModelError(
+                    f"privgrad: the per-sample norm of '{name}' for sample {i} is {got:.6e} by "
+                    f"the formula its layer's rule computes it with, but {want:.6e} as the "
+                    "norm of that sample's gradient: clip factors from it would not bound the "
+                    "sample's contribution. This is a bug in privgrad's rule for that layer "
+                    "type (or a module whose forward differs from the class it is named as). "
+                    "Nothing was released. Fix: DPEngine(mode=\"materialize\") takes every "
+                    "norm from the materialised gradients; please report the layer."
+                )
 
 
 def grad_accumulated(name: str) -> GradientStateError:

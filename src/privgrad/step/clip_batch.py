@@ -67,8 +67,8 @@ def clip_batch(
         batch_size: ``B``.
         mode: ``"auto"``, ``"ghost"``, ``"materialize"`` or ``"vmap"`` (performance only).
         keep: Per-sample gradients to return materialised (``"pre_clip"``, ``"post_clip"``).
-        reference: ``{name: autograd gradient of losses[:checked].sum()}`` to
-            self-check against, or ``None``.
+        reference: ``{name: autograd gradient of (w * losses).sum()}`` to self-check
+            against, with ``w = self_check_weights(B, checked)``, or ``None``.
         checked: How many leading samples ``reference`` covers (``self_check_samples``;
             ``None``: all ``B``).
 
@@ -91,13 +91,13 @@ def clip_batch(
     group_sq = group_sq_sums(layer_sq, plan.group_of)
     total_sq = _total_sq(layer_sq, group_sq, plan)
     guards.check_finite(total_sq, layer_sq)
-    if reference is not None:  # first step: the per-sample gradients add up to autograd's
-        k = B if checked is None else checked
-        first = torch.arange(B, device=total_sq.device) < k  # all ones when k = B
-        ones = {n: first.to(s.dtype) for n, s in layer_sq.items()}
-        sums = {n: g[:k].sum(0, dtype=chunks.accumulation_dtype(g.dtype)) for n, g in psg.items()}
-        sums |= ghost.clipped_sums(ghost_ios, names, ones)
-        guards.self_check(reference, sums, {n: s[:k].sqrt().sum() for n, s in layer_sq.items()},
+    if reference is not None:  # first step: weighted per-sample gradients add up to autograd's
+        w = self_check_weights(B, B if checked is None else checked, total_sq.device)
+        weights = {n: w.to(s.dtype) for n, s in layer_sq.items()}
+        sums = {n: chunks.weighted_sum(weights[n], g) for n, g in psg.items()}
+        sums |= ghost.clipped_sums(ghost_ios, names, weights)
+        guards.self_check(reference, sums,
+                          {n: (weights[n] * s.sqrt()).sum() for n, s in layer_sq.items()},
                           self_check_rtol(ios, trainable))
     # 2. clip factors
     factors = plan.factors({g: s.sqrt() for g, s in group_sq.items()})
@@ -128,6 +128,20 @@ def self_check_rtol(ios: Iterable[LayerIO], trainable: Mapping[str, nn.Parameter
     """
     half = any(io.half for io in ios) or any(p.dtype in chunks.HALF for p in trainable.values())
     return 3e-2 if half else 1e-3
+
+
+def self_check_weights(batch_size: int, checked: int, device: torch.device) -> torch.Tensor:
+    """``(B,)`` weights of the first step's check: ``2^-(i mod 3)`` for ``i < checked``, else 0.
+
+    The check compares ``Σ_i w_i g_i`` computed the way the clipped sum is (each rule's
+    ``clipped_sum`` with ``w`` as the factors, weighted sums of materialised gradients)
+    with autograd's gradient of ``Σ_i w_i losses[i]``. Unequal weights make it a check of
+    the factors too: a clipped sum that ignored them, squared them or gave them to the
+    wrong samples would pass with all-ones weights. Powers of two are exact in every
+    float dtype, so ``w · losses`` rounds nothing even in 16 bits.
+    """
+    i = torch.arange(batch_size, device=device)
+    return torch.where(i < checked, torch.exp2(-(i % 3).double()), 0.0).float()
 
 
 SELF_CHECK_16_BIT = 16
