@@ -54,14 +54,14 @@ class EmbPos(nn.Module):
         return self.lin(torch.tanh(x + self.pos(pos)))
 
 
-@pytest.mark.parametrize("B", [3, 4])
-def test_shared_position_embedding_is_refused_with_the_fix(B):
-    model = EmbPos(4, 3, expand=False)
+def test_shared_position_embedding_is_exact_unless_its_length_is_the_batch_size():
+    check(EmbPos(4, 3, expand=False), torch.randn(3, 4, 3))  # (T,) ids, T != B: expanded
+    model = EmbPos(4, 3, expand=False)  # T == B: (T,) could be one id per sample
     errors = (pg.errors.InvalidLossError, pg.errors.UnsupportedModelError)
-    with (pg.DPEngine(model, 0.0, max_grad_norm=1.0, expected_batch_size=B) as engine,
+    with (pg.DPEngine(model, 0.0, max_grad_norm=1.0, expected_batch_size=4) as engine,
           pytest.raises(errors, match=r"expand\(B, T\)")):
-        engine.backward(sin_loss(model(torch.randn(B, 4, 3))))
-    check(EmbPos(4, 3, expand=True), torch.randn(B, 4, 3))
+        engine.backward(sin_loss(model(torch.randn(4, 4, 3))))
+    check(EmbPos(4, 3, expand=True), torch.randn(4, 4, 3))
 
 
 class MaskedMHA(nn.Module):

@@ -19,14 +19,16 @@ tensor and version counter) when that forward starts and reports, as ``StateWrit
 values, those changed when it ends (``take_writes``); ``watch_passes`` and
 ``take_pass_writes`` do the same from the last forward to the end of privgrad's own
 backward passes (a tensor hook can write a buffer from the output gradients; so can the
-loss function). While ``marking`` is on, the capture hands each outermost forward fresh
-leaves in place of its floating inputs (the forward gets a copy, which it may write in
-place) and keeps the outputs of recorded calls whose inputs are all integer (token
-embeddings), so the engine can differentiate the losses with respect to each sample's
-input (``take_marked``). ``GradAccumulationGuard`` refuses any
-backward pass that accumulates into ``p.grad`` of the parameters privgrad trains.
-Not watched: writes made between two watched forwards of one step, and the forward of
-a leaf module with no parameter or buffer that your code calls on its own (it is then
+loss function). Inside a watched forward, a trained ``nn.Embedding`` given ids shared by
+every sample (``(1, T)`` position ids) gets them expanded to the forward's batch
+(``broadcast.py``), so that its per-sample gradients exist. While ``marking`` is on, the
+capture hands each outermost forward fresh leaves in place of its floating inputs (the
+forward gets a copy, which it may write in place) and keeps the outputs of recorded calls
+whose inputs are all integer (token embeddings), so the engine can differentiate the
+losses with respect to each sample's input (``take_marked``). ``GradAccumulationGuard``
+refuses any backward pass that accumulates into ``p.grad`` of the parameters privgrad
+trains. Not watched: writes made between two watched forwards of one step, and the forward
+of a leaf module with no parameter or buffer that your code calls on its own (it is then
 your code, like anything before ``model(x)``).
 """
 
@@ -43,6 +45,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_map
 
+from privgrad.per_sample.broadcast import leading_batch, shared_ids
 from privgrad.per_sample.state import StateWatch, StateWrite, settle
 from privgrad.per_sample.units import Unit
 
@@ -155,6 +158,7 @@ class Capture:
         self._passes: tuple | None = None  # state when privgrad's own passes started
         self._last: tuple | None = None  # state when the last watched forward started
         self._watch: StateWatch | None = None
+        self._batch: int | None = None  # B of the watched forward in progress (broadcast.py)
         if root is not None:
             self._watch = StateWatch(root)
             for path, m in root.named_modules():
@@ -170,6 +174,9 @@ class Capture:
                 if isinstance(m, nn.Embedding | nn.EmbeddingBag):  # trained ones or frozen
                     self._handles.append(m.register_forward_hook(self._make_mark_frozen(path)))
         for unit in units:
+            if isinstance(unit.module, nn.Embedding) and root is not None:
+                self._handles.append(unit.module.register_forward_pre_hook(
+                    self._expand_shared, with_kwargs=True))
             # Recording runs before the module's other forward hooks (prepend): G is then the
             # gradient at forward's own output, which the rules and the functional re-run
             # (forward only) compute; a user's hook returning a new output acts downstream.
@@ -236,10 +243,22 @@ class Capture:
             if _suspended() or not torch.is_grad_enabled():
                 return None  # an evaluation, or privgrad's own re-run: not recorded
             self._depth = 1
+            self._batch = leading_batch(args, kwargs)
             self._snap = self._watch.start()
             return self._mark_inputs(where, args, kwargs) if self.marking else None
 
         return enter
+
+    def _expand_shared(self, module, args, kwargs):
+        """Gives a trained embedding ids shared by the batch as ``(B, ...)`` (broadcast.py)."""
+        if (not self._depth or _suspended() or not torch.is_grad_enabled()
+                or not module.weight.requires_grad):
+            return None
+        if args:
+            ids = shared_ids(args[0], self._batch)
+            return None if ids is None else ((ids, *args[1:]), kwargs)
+        ids = shared_ids(kwargs.get("input"), self._batch)
+        return None if ids is None else (args, {**kwargs, "input": ids})
 
     def _leave_watch(self, module, args, output):
         if not self._depth:
