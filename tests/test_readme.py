@@ -59,3 +59,20 @@ def test_readme_train_options_exist():
     mentioned = set(re.findall(r"--[a-z][a-z-]+", section))
     assert len(mentioned) >= 15 and mentioned <= known, mentioned - known
     assert "make demo" in section and (ROOT / "Makefile").read_text().count("privgrad train") == 1
+
+
+def test_the_hf_lora_example_runs_and_spends_its_budget(tmp_path, capsys, monkeypatch):
+    import sys
+
+    import pytest
+
+    pytest.importorskip("peft")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["hf_lora.py", "--steps", "4", "--pretrain-steps", "5",
+                                      "--out", str(tmp_path / "out")])
+    runpy.run_path(str(ROOT / "examples" / "hf_lora.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    eps = float(re.search(r"ε = ([\d.]+) at δ = 1e-5 after 4 steps", out).group(1))
+    assert 7.9 <= eps <= 8.0
+    assert re.search(r"held-out private loss per byte: [\d.]+ before, [\d.]+ after", out)
+    assert (tmp_path / "out" / "privacy.json").is_file()
