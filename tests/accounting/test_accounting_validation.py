@@ -80,3 +80,17 @@ def test_accountant_resolution() -> None:
     with pytest.raises(PrivacyParameterError, match="orders"):
         RDPConfig(orders=())
     assert RDPConfig(orders=[2, 3]).orders == (2.0, 3.0)  # type: ignore[arg-type]
+
+
+def test_pld_refuses_a_count_it_cannot_compose_and_rdp_answers() -> None:
+    # dp_accounting's PLD self-composition of 10**12 steps never ends; the library must
+    # refuse at once (naming the fix), not hang, and rdp must answer for the same run.
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(AccountingError, match="accountant='rdp'"):
+        epsilon(1.0, 0.01, 10**12, delta=1e-5, accountant="pld")
+    with pytest.raises(AccountingError, match="limited to 1,000,000"):
+        epsilon(1.0, 0.01, 10**6 + 1, delta=1e-5)
+    assert time.perf_counter() - start < 5.0
+    assert math.isfinite(epsilon(1.0, 0.01, 10**12, delta=1e-5, accountant="rdp"))

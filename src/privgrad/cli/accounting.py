@@ -5,14 +5,9 @@ from __future__ import annotations
 import argparse
 
 from privgrad import accounting
+from privgrad.accounting.accountants import MAX_PLD_STEPS
 from privgrad.accounting.validation import resolve_steps
 from privgrad.errors import PrivgradError
-
-#: The most steps ``--accountant pld`` composes (see ``_check``). dp_accounting 0.6 composes
-#: a one-step privacy loss distribution of at most 1000 points by computing the integer
-#: ``size ** steps`` exactly, and by one Python loop iteration per step when it has a single
-#: point: 461 ** 10**6 takes 2.6 s, 461 ** (4·10**6) 33 s (quadratic), 10**12 steps never end.
-MAX_PLD_STEPS = 10**6
 
 
 class AccountingOptionError(PrivgradError, ValueError):
