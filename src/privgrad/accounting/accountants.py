@@ -268,6 +268,15 @@ def suggest_pld_interval(entries: Iterable[tuple[dp_accounting.DpEvent, int]]) -
 MAX_PLD_STEPS = 10**6
 
 
+def composed_count(event: dp_accounting.DpEvent) -> int:
+    """How many one-step events ``event`` composes (a self-composition counts its count)."""
+    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+        return event.count * composed_count(event.event)
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        return sum(composed_count(e) for e in event.events)
+    return 1
+
+
 def compose_entries(
     accountant: dp_accounting.PrivacyAccountant,
     entries: Iterable[tuple[dp_accounting.DpEvent, int]],
@@ -288,7 +297,7 @@ def compose_entries(
         AccountingError: If the accountant does not support an event.
     """
     entries = list(entries)
-    total = sum(count for _, count in entries)
+    total = sum(count * composed_count(event) for event, count in entries)
     if name == "pld" and total > MAX_PLD_STEPS:
         raise AccountingError(
             f"{total:,} composed events: the 'pld' accountant is limited to "
