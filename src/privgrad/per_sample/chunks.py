@@ -91,17 +91,49 @@ def per_sample_chunked(
     return out if isinstance(part, dict) else out[None]
 
 
-def squared_norms(x: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` sums of squares of each sample's row of ``x (B, ...)``, without a temporary.
+NORM_BLOCK_ELEMENTS = 1 << 18
+"""Elements of ``x`` squared at a time by ``squared_norms``."""
 
-    ``x.square().sum(1)`` would allocate a second tensor as large as ``x`` (hundreds of MB
-    for a vocabulary-wide layer's per-sample gradients); the fused norm reduction does not
-    (for a contiguous float32/float64 ``x``), and unlike a batched dot product it never runs
-    in TF32 on a GPU. Half precision is accumulated in float32.
+
+def squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` sums of squares of each sample's row of ``x (B, ...)``, accurately.
+
+    A clip factor is only as good as this sum: computed too small, it lets the sample
+    contribute more than ``C``. ``torch.linalg.vector_norm`` in float32 accumulates
+    without pairwise summation on the CPU (a row of 16.8M values 0.1 came out 1.9% short
+    on one thread; a Linear(4096) sample then contributed 1.0125·C), so the squares are
+    summed by ``torch.sum`` (pairwise on the CPU) a block of columns at a time
+    (``NORM_BLOCK_ELEMENTS`` on the CPU, so the squared block stays in cache; a GPU's
+    reduction is a tree, and its blocks are ``CHUNK_ELEMENTS_ACCELERATOR``) and the sums are
+    added in float64. Half precision is squared in float32. The result is float32 for
+    16-bit and float32 ``x``, float64 for float64.
     """
-    rows = x.reshape(x.shape[0], math.prod(x.shape[1:]))
-    dtype = torch.float32 if x.dtype in HALF else None
-    return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).square()
+    B, N = x.shape[0], math.prod(x.shape[1:])
+    rows = x.reshape(B, N)
+    wide = accumulation_dtype(rows.dtype)
+    acc = torch.zeros(B, dtype=torch.float64, device=x.device)
+    budget = NORM_BLOCK_ELEMENTS if x.device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
+    cols = max(1, min(N, max(1024, budget // max(B, 1))))
+    per = max(1, budget // cols)  # samples per block
+    for r in range(0, B, per):
+        for c in range(0, N, cols):
+            block = rows[r:r + per, c:c + cols].to(wide)
+            acc[r:r + per] += (block * block).sum(1, dtype=wide)
+    return acc.to(wide)
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """``(*x.shape[:-1])`` Euclidean norms of ``x``'s last dimension, float32 or wider.
+
+    For a sum of such norms (a per-sample mass, ``rule.MassesFn``) float32 is plenty: its
+    terms are non-negative, so its relative error is a few float32 roundings.
+    """
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32 if x.dtype in HALF else None)
+
+
+FLOAT64_COST = 2
+"""How many float32 multiply-adds a float64 one costs, in the formulas' costs
+(``rule.Formula.flops``) and memory: a CPU's vector units do half as many."""
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,9 +1,10 @@
 """Book-keeping without per-sample gradients: ghost norms and one-matmul clipped sums.
 
-A recorded call goes through this path when its rule has ``squared_norms`` and
-``clipped_sum``, each of its parameters is used by that call alone in the step (a tied
-parameter, or a module called twice, needs the per-sample sum of its contributions before
-the norm, so it is materialised instead), and its per-sample gradients would be large.
+A recorded call goes through this path when its rule has ``norm_formulas``,
+``clipped_sum`` and ``masses``, each of its parameters is used by that call alone in the
+step (a tied parameter, or a module called twice, needs the per-sample sum of its
+contributions before the norm, so it is materialised instead), and its per-sample
+gradients would be large.
 Small per-sample gradients (``B × parameters <= DENSE_ELEMENTS``, and per sample at most
 twice the call's input plus output gradient) are materialised in mode ``"auto"``: they
 cost at most the layer's weight-gradient FLOPs once, and their clipped sum is then a
@@ -25,6 +26,9 @@ import torch
 from privgrad.per_sample import policy
 from privgrad.per_sample.chunks import HALF
 from privgrad.per_sample.layer_io import LayerIO
+
+MAX_CANCELLATION = 1000.0
+"""A book-kept per-sample norm is at least ``mass / MAX_CANCELLATION`` (``squared_norms``)."""
 
 DENSE_ELEMENTS = 1 << 21
 """Per-sample gradients of at most this many elements (``B`` × the call's parameters,
@@ -52,7 +56,7 @@ def split(
         params = io.call.unit.params.values()
         rule = io.call.unit.rule
         alone = all(uses[names[id(p)]] == 1 for p in params)
-        ok = rule is not None and rule.norm_formulas is not None and rule.clipped_sum is not None
+        ok = rule is not None and None not in (rule.norm_formulas, rule.clipped_sum, rule.masses)
         size = sum(p.numel() for p in params if p.requires_grad)  # rules skip frozen ones
         book_keep = ok and alone and not (small_dense and _small(io, size, batch_size))
         (ghost if book_keep else dense).append(io)
@@ -85,18 +89,42 @@ def squared_norms(ios: list[LayerIO], names: dict[int, str]) -> dict[str, torch.
     are upcast to float32 first: a sum of squares over a whole gradient overflows or loses
     most of its digits when accumulated in 16 bits, and a norm rounded down to 16 bits
     would give a factor whose clipped contribution exceeds ``C`` by up to ``2^-8``
-    relative. The norms (and so the factors) are float32.
+    relative. The norms (and so the factors) are float32 (float64 for a float64 call).
+
+    Cancellation. A book-kept gradient is never formed: its norm comes from a formula,
+    its clipped sum from another computation (one matmul over all samples and
+    positions), and both round relative to the sample's *mass* ``M`` (``rule.masses``:
+    ``Σ_t ‖a_t‖·‖g_t‖`` for a weight), not to its norm. A sample whose positions cancel
+    (``M ≫ ‖g‖``) would get a factor from a norm that is mostly rounding error and a
+    contribution that is mostly rounding error: with the float32 ghost norm, one such
+    sample moved the clipped sum by ``10·C`` to ``22·C``. So every norm is at least
+    ``M / MAX_CANCELLATION``: the factor is then at most ``C·MAX_CANCELLATION / M``, and
+    the formula's rounding (float64 for the signed Gram sums, ``≤ 1e-9`` relative at that
+    cancellation) is below ``C·1e-6``. The float32 clipped sum rounds the sample's ``T``
+    position terms as they are accumulated: each rounding is at most ``2^-24·f·M ≤
+    6e-5·C``, but ``T`` of them can add up coherently (``docs/robustness.md``, known
+    limits: a narrow Linear in mode ``"ghost"`` at ``T`` in the thousands; ``"auto"``
+    materialises such layers). Samples that cancel more than ``MAX_CANCELLATION`` times
+    (``M/‖g‖`` is about ``√T`` for ``T`` unaligned positions, more where a softmax makes
+    the output gradients sum to zero) are clipped harder than their norm asks; their
+    reported norm is ``M / MAX_CANCELLATION``. Materialised gradients and embedding rows
+    need no such bound on the CPU: their norm and their clipped sum are of the same
+    rounded tensor. A floor beyond the dtype's range is clamped to its largest value.
     """
     out = {}
     for io in ios:
         unit = io.call.unit
         A, G = _upcast_half(io.A), _upcast_half(io.G)
-        formulas = unit.rule.norm_formulas(unit.module, A, G)
-        sq = policy.squared_norms(formulas, A.shape[0], G.device)
+        B, dtype = A.shape[0], G.dtype
+        sq = policy.squared_norms(unit.rule.norm_formulas(unit.module, A, G), B, G.device)
+        masses = unit.rule.masses(unit.module, A, G)
         for attr, v in sq.items():
             p = unit.params.get(attr)
             if p is not None and p.requires_grad:
-                out[names[id(p)]] = v
+                if attr in masses:  # (a floor beyond the dtype's range would read as inf)
+                    floor = (policy.run(masses[attr], B, G.device) / MAX_CANCELLATION).square()
+                    v = torch.maximum(v.double(), floor.clamp(max=torch.finfo(dtype).max))
+                out[names[id(p)]] = v.to(dtype)
     return out
 
 

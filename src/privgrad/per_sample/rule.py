@@ -44,6 +44,12 @@ NormFormulasFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, dic
 each trainable parameter's squared per-sample norms, cheapest-to-state first (a tie in
 cost goes to the first listed)."""
 
+MassesFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, Formula]]
+"""``(module, A, G) -> {param attribute: Formula}``: each trainable parameter's per-sample
+*mass*, an upper bound on the per-sample gradient's norm computed without cancellation
+(``Σ_t ‖a_t‖·‖g_t‖`` for a weight ``Σ_t g_t a_tᵀ``), float64 ``(b,)``. Book-keeping needs it:
+``per_sample.ghost.squared_norms`` explains why."""
+
 ClippedSumFn = Callable[
     [nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]
 ]
@@ -73,6 +79,8 @@ class LayerRule:
         norm_formulas: Optional: the exact formulas of the squared per-sample norms,
             with their costs (book-keeping needs it and ``clipped_sum``).
         clipped_sum: Optional clipped sum without materialisation.
+        masses: Optional per-sample masses of the parameters (``MassesFn``); a call is
+            book-kept only when its rule has all three.
         param_names: The parameters the formulas differentiate. A module of this type
             that trains any other parameter of its own (``weight_g``/``weight_v`` of
             ``torch.nn.utils.weight_norm``, whose hook computes ``weight`` from them) is
@@ -83,4 +91,5 @@ class LayerRule:
     per_sample_grads: PerSampleGradsFn
     norm_formulas: NormFormulasFn | None = None
     clipped_sum: ClippedSumFn | None = None
+    masses: MassesFn | None = None
     param_names: tuple[str, ...] = ("weight", "bias")

@@ -256,22 +256,25 @@ def norm_formulas(
       ``P²(c + Σ(K_i − 1)) + L²(p + 1)``: fewer on small images with many channels;
     * ``materialized``: the per-sample gradient (as ``_weight_grads`` forms it), ``L·d·p``.
 
+    ``ghost`` and ``gram`` sum ``L²`` signed terms and run in float64, their costs counted
+    ``chunks.FLOAT64_COST`` times (``linear.norm_formulas`` says why).
+
     Returns:
         ``{"weight": {...}, "bias": {...}}``, trainable parameters only.
     """
-    g = module.groups
+    g, wide = module.groups, chunks.FLOAT64_COST
     L, d, p = math.prod(G.shape[2:]), module.weight[0].numel(), module.out_channels // g
     padded = [size + lo + hi for size, (lo, hi) in zip(A.shape[2:], _pads(module), strict=True)]
     P, c = math.prod(padded), module.in_channels // g
 
     def ghost(s: slice) -> torch.Tensor:
-        a, b = A[s], A[s].shape[0]
+        a, b = A[s].double(), A[s].shape[0]
         cols = _unfolded(module, a).reshape(b * g, d, L)
-        gram = torch.bmm(cols.transpose(1, 2), cols).mul_(_output_gram(G[s], g))
+        gram = torch.bmm(cols.transpose(1, 2), cols).mul_(_output_gram(G[s].double(), g))
         return gram.sum((1, 2)).view(b, g).sum(1)
 
     def gram(s: slice) -> torch.Tensor:
-        return _gram_sq_norms(module, A[s], G[s])
+        return _gram_sq_norms(module, A[s].double(), G[s].double())
 
     def materialized(s: slice) -> torch.Tensor:  # as _weight_grads forms it, untransposed
         b = A[s].shape[0]
@@ -285,10 +288,11 @@ def norm_formulas(
     out = {}
     if trainable(module.weight):
         out["weight"] = {
-            "ghost": Formula(ghost, g * L * L * (d + p), g * (d * L + 2 * L * L), ghost=True),
-            "gram": Formula(gram, g * (P * P * (c + sum(k - 1 for k in module.kernel_size))
-                                       + L * L * (p + 1)),
-                            2 * g * P * P + module.in_channels * P, ghost=True),
+            "ghost": Formula(ghost, wide * g * L * L * (d + p),
+                             wide * g * (d * L + 2 * L * L), ghost=True),
+            "gram": Formula(gram, wide * g * (P * P * (c + sum(k - 1 for k in module.kernel_size))
+                                              + L * L * (p + 1)),
+                            wide * (2 * g * P * P + module.in_channels * P), ghost=True),
             "materialized": Formula(materialized, g * L * d * p, g * (d * L + p * d),
                                     ghost=False),
         }
@@ -296,6 +300,37 @@ def norm_formulas(
         out["bias"] = {"sum": Formula(bias, L * module.out_channels, module.out_channels,
                                       ghost=True)}
     return out
+
+
+def masses(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[str, Formula]:
+    """``{"weight": Formula}``: ``Σ_{group, o} ‖patch_o‖·‖g_o‖`` per sample, float64.
+
+    ``patch_o`` is the input patch output position ``o`` reads within the group (its
+    squared norm is the convolution of the squared padded input with a kernel of ones)
+    and ``g_o`` the group's output gradient there: a bound on the weight gradient's norm
+    without cancellation (``rule.MassesFn``). The bias is left out: its norm is taken of
+    the per-sample sum that ``clipped_sum`` adds up.
+    """
+    if not trainable(module.weight):
+        return {}
+    g, n = module.groups, len(module.kernel_size)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+    ones = A.new_ones(g, module.in_channels // g, *module.kernel_size)
+
+    def weight(s: slice) -> torch.Tensor:
+        sq = _fully_padded(module, A[s]).square()  # not in place: it may be A itself
+        patches = conv(sq, ones, stride=module.stride, dilation=module.dilation, groups=g)
+        b = patches.shape[0]
+        # square-then-sum: torch's vector_norm over a middle dimension is 12x slower
+        Gs = G[s].reshape(b, g, module.out_channels // g, -1)
+        outs = Gs.to(chunks.accumulation_dtype(Gs.dtype)).square().sum(2).sqrt_()
+        return (patches.reshape(b, g, -1).clamp_(min=0).sqrt_().double() * outs.double()).sum(
+            (1, 2))
+
+    L = math.prod(G.shape[2:])
+    memory = A[0].numel() * 2 + L * g
+    return {"weight": Formula(weight, L * (module.weight[0].numel() + module.out_channels),
+                              memory, ghost=True)}
 
 
 def clipped_sum(
@@ -321,6 +356,6 @@ def clipped_sum(
     return out
 
 
-RULES = tuple(LayerRule(t, per_sample_grads, norm_formulas, clipped_sum)
+RULES = tuple(LayerRule(t, per_sample_grads, norm_formulas, clipped_sum, masses)
               for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d))
 """The convolution rules."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from privgrad.per_sample import chunks
 from privgrad.per_sample.chunks import accumulation_dtype
 from privgrad.per_sample.rule import Formula, LayerRule
 
@@ -19,48 +20,82 @@ def _rows(module: nn.Embedding, A: torch.Tensor, G: torch.Tensor):
     return idx, rows
 
 
+def _summed_rows(
+    module: nn.Embedding, A: torch.Tensor, G: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's gradient row per token it holds: ``(keys (n,), rows (n, D))``.
+
+    ``key = sample · V + token`` over the ``n`` distinct (sample, token) pairs, sorted;
+    the rows of a token's positions are summed in position order, in ``accumulation_dtype``
+    (float32 for 16-bit rows). The norm and the clipped sum both use these very rows, so
+    a sample's contribution is its factor times the tensor its norm was taken of.
+    """
+    b, V = A.shape[0], module.num_embeddings
+    idx, rows = _rows(module, A, G)
+    rows = rows.to(accumulation_dtype(rows.dtype))
+    key = (idx + V * torch.arange(b, device=idx.device).unsqueeze(1)).reshape(-1)
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    summed = rows.new_zeros(len(uniq), rows.shape[-1])
+    summed.index_add_(0, inverse, rows.reshape(-1, rows.shape[-1]))
+    return uniq, summed
+
+
 def norm_formulas(
     module: nn.Embedding, A: torch.Tensor, G: torch.Tensor
 ) -> dict[str, dict[str, Formula]]:
-    """Squared per-sample norms by summing gradient rows per unique (sample, token).
+    """Squared per-sample norms of the summed rows (``_summed_rows``).
 
     Never builds the ``(B, V, D)`` gradient nor a ``B·T·V`` one-hot: memory ``O(B·T·D)``.
 
     Returns:
         ``{"weight": {"rows": Formula}}``.
     """
-    T, D = A[0].numel(), module.embedding_dim
+    T, D, V = A[0].numel(), module.embedding_dim, module.num_embeddings
 
     def rows(s: slice) -> torch.Tensor:
-        a, b = A[s], A[s].shape[0]
-        V = module.num_embeddings
-        idx, grad_rows = _rows(module, a, G[s])
-        key = (idx + V * torch.arange(b, device=idx.device).unsqueeze(1)).reshape(-1)
-        uniq, inverse = torch.unique(key, return_inverse=True)
-        summed = grad_rows.new_zeros(len(uniq), grad_rows.shape[-1])
-        summed.index_add_(0, inverse, grad_rows.reshape(-1, grad_rows.shape[-1]))
-        sq = grad_rows.new_zeros(b)
-        sq.index_add_(0, torch.div(uniq, V, rounding_mode="floor"), summed.square().sum(1))
+        uniq, summed = _summed_rows(module, A[s], G[s])
+        sq = summed.new_zeros(A[s].shape[0], dtype=torch.float64)  # up to T terms a sample:
+        sq.index_add_(0, torch.div(uniq, V, rounding_mode="floor"),  # float32 could round
+                      summed.square().sum(1, dtype=torch.float64))  # each one down
         return sq
 
     # One pass over the sample's T rows; the whole batch at once (its sort is global).
     return {"weight": {"rows": Formula(rows, flops=T * D, memory=0, ghost=True)}}
 
 
+def masses(module: nn.Embedding, A: torch.Tensor, G: torch.Tensor) -> dict[str, Formula]:
+    """``{"weight": Formula}``: ``Σ_t ‖row_t‖`` per sample (padding rows excluded).
+
+    A bound on the weight gradient's norm without cancellation (``rule.MassesFn``). The
+    norm and the clipped sum are of the same summed rows on the CPU; on a GPU,
+    ``index_add_`` sums them in no fixed order, so the two can round differently, by at
+    most a rounding of the mass.
+    """
+    if not module.weight.requires_grad:
+        return {}
+
+    def weight(s: slice) -> torch.Tensor:
+        return chunks.row_norms(_rows(module, A[s], G[s])[1]).sum(1, dtype=torch.float64)
+
+    return {"weight": Formula(weight, A[0].numel() * module.embedding_dim, 0, ghost=True)}
+
+
 def clipped_sum(
     module: nn.Embedding, A: torch.Tensor, G: torch.Tensor, factors: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """``sum_i f_i g_i`` by one scatter-add of the scaled rows: ``{"weight": (V, D)}``.
+    """``sum_i f_i g_i`` by one scatter-add of the scaled summed rows: ``{"weight": (V, D)}``.
 
-    16-bit rows are scaled by the (float32) factors in float32 and added up in float32,
-    and the sum is float32 (``chunks.accumulation_dtype``); float32 and float64 rows are
-    not converted.
+    Each sample's row of a token is the sum ``_summed_rows`` forms for the norm, scaled by
+    the factor (float32 for 16-bit rows) and added into the table once: adding a
+    sample's ``T`` rows one at a time would round them relative to the running row, and a
+    sample with rows ``+X, ε, …, −X`` at one token moved the sum by 3.2·C that way. The
+    sum is in ``chunks.accumulation_dtype``; float32 and float64 rows are not converted.
     """
-    idx, rows = _rows(module, A, G)
-    wide = accumulation_dtype(rows.dtype)
-    scaled = rows * factors["weight"].to(wide).view(-1, 1, 1)  # float32 for 16-bit rows
-    out = rows.new_zeros(module.num_embeddings, module.embedding_dim, dtype=wide)
-    out.index_add_(0, idx.reshape(-1), scaled.reshape(-1, rows.shape[-1]))
+    V = module.num_embeddings
+    uniq, summed = _summed_rows(module, A, G)
+    f = factors["weight"].to(summed.dtype)[torch.div(uniq, V, rounding_mode="floor")]
+    out = summed.new_zeros(V, module.embedding_dim)
+    out.index_add_(0, uniq % V, summed * f.unsqueeze(1))
     return {"weight": out}
 
 
@@ -87,5 +122,5 @@ def per_sample_grads(
     return {"weight": grad.view(B, V, D)}
 
 
-RULES = (LayerRule(nn.Embedding, per_sample_grads, norm_formulas, clipped_sum),)
+RULES = (LayerRule(nn.Embedding, per_sample_grads, norm_formulas, clipped_sum, masses),)
 """The embedding rule."""

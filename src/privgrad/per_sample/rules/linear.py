@@ -57,6 +57,15 @@ def norm_formulas(
     (``ghost``: ``T²(d + p)`` multiply-adds per sample, two ``T × T`` intermediates), or
     the norm of the materialised ``Gᵀ A`` (``materialized``: ``T·d·p``, a ``p × d`` one).
 
+    The ghost norm is computed in float64 (and its cost counted ``FLOAT64_COST`` times):
+    it is a sum of ``T²`` signed terms as large as the sample's squared mass
+    (``masses``), and a sample whose positions cancel (``a_0 = a_1``, ``g_1 = −g_0 + δ``)
+    has a norm far below them. In float32 its rounding error, about ``2^-24·M²``, was
+    larger than the norm at a cancellation of ``M/‖g‖ = 10³`` — the factor came out 1
+    and the sample moved the clipped sum by ``10·C``. In float64 it stays below
+    ``1e-9`` relative up to the cancellation ``ghost.MAX_CANCELLATION`` beyond which the
+    mass bounds the norm.
+
     Args:
         module: The layer.
         A: Input ``(B, *, d)``.
@@ -72,7 +81,7 @@ def norm_formulas(
         return chunks.squared_norms(A3[s]) * chunks.squared_norms(G3[s])
 
     def ghost(s: slice) -> torch.Tensor:
-        a, g = A3[s], G3[s]
+        a, g = A3[s].double(), G3[s].double()
         return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
 
     def materialized(s: slice) -> torch.Tensor:
@@ -84,12 +93,31 @@ def norm_formulas(
     out = {}
     if trainable(module.weight):
         out["weight"] = {"outer": Formula(outer, d + p, 0, ghost=True)} if T == 1 else {
-            "ghost": Formula(ghost, T * T * (d + p), 2 * T * T, ghost=True),
+            "ghost": Formula(ghost, chunks.FLOAT64_COST * T * T * (d + p),
+                             chunks.FLOAT64_COST * max(T * max(d, p), 2 * T * T), ghost=True),
             "materialized": Formula(materialized, T * d * p, p * d, ghost=False),
         }
     if trainable(module.bias):
         out["bias"] = {"sum": Formula(bias, T * p, p, ghost=True)}
     return out
+
+
+def masses(module: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict[str, Formula]:
+    """``{"weight": Formula}``: ``Σ_t ‖a_t‖·‖g_t‖`` per sample (float64), for ``T > 1``.
+
+    It bounds the weight gradient ``Σ_t g_t a_tᵀ``'s norm and has no cancellation
+    (``rule.MassesFn``). Left out for ``T = 1`` (the ``outer`` norm is a product of two
+    norms, which cannot cancel) and for the bias, whose norm is taken of the very
+    per-sample sum ``Σ_t g_t`` that ``clipped_sum`` adds up.
+    """
+    A3, G3 = _flat(A, G)
+    if A3.shape[1] == 1 or not trainable(module.weight):
+        return {}
+
+    def weight(s: slice) -> torch.Tensor:
+        return (chunks.row_norms(A3[s]).double() * chunks.row_norms(G3[s]).double()).sum(1)
+
+    return {"weight": Formula(weight, A3.shape[1] * (A3.shape[2] + G3.shape[2]), 0, ghost=True)}
 
 
 def clipped_sum(
@@ -164,7 +192,7 @@ def _weighted_weight_grad(A3: torch.Tensor, G3: torch.Tensor, f: torch.Tensor) -
     return out
 
 
-RULES = (LayerRule(nn.Linear, per_sample_grads, norm_formulas, clipped_sum),)
+RULES = (LayerRule(nn.Linear, per_sample_grads, norm_formulas, clipped_sum, masses),)
 """The Linear rule."""
 
 
@@ -202,6 +230,6 @@ def conv1d_clipped_sum(
 
 NAMED_RULES = {
     "transformers.pytorch_utils.Conv1D": LayerRule(
-        nn.Module, conv1d_per_sample_grads, norm_formulas, conv1d_clipped_sum),
+        nn.Module, conv1d_per_sample_grads, norm_formulas, conv1d_clipped_sum, masses),
 }
 """Rules for classes of optional libraries, by ``module.qualname`` (never imported here)."""
