@@ -315,12 +315,14 @@ def masses(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[str, Formula
         return {}
     g, n = module.groups, len(module.kernel_size)
     conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
-    ones = A.new_ones(g, module.in_channels // g, *module.kernel_size)
+    ones = A.new_ones(g, 1, *module.kernel_size)
 
     def weight(s: slice) -> torch.Tensor:
-        sq = _fully_padded(module, A[s]).square()  # not in place: it may be A itself
+        X = _fully_padded(module, A[s])
+        b = X.shape[0]
+        # squares summed over each group's channels first, then over the kernel window
+        sq = X.square().reshape(b, g, module.in_channels // g, *X.shape[2:]).sum(2)
         patches = conv(sq, ones, stride=module.stride, dilation=module.dilation, groups=g)
-        b = patches.shape[0]
         # square-then-sum: torch's vector_norm over a middle dimension is 12x slower
         Gs = G[s].reshape(b, g, module.out_channels // g, -1)
         outs = Gs.to(chunks.accumulation_dtype(Gs.dtype)).square().sum(2).sqrt_()
