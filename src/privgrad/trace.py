@@ -110,7 +110,8 @@ class StepTrace:
         norms: ``(B,)`` total L2 norm of each sample's gradient before clipping (over all
             trainable parameters), the norm it was clipped with. For a book-kept layer
             whose gradient cancels more than ``per_sample.ghost.MAX_CANCELLATION`` times
-            (never an ordinary sample), that layer's part is its mass over that bound.
+            (rare: positions cancelling a thousand-fold), that layer's part is its mass
+            over that bound, so such a sample is clipped harder than its norm asks.
         layer_norms: ``{param name: (B,)}`` per-parameter per-sample L2 norms.
         clip_factors: ``(B,)`` factor applied to each sample's gradient; with
             ``PerLayer`` clipping, ``{group name: (B,)}``.

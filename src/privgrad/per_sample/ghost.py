@@ -99,8 +99,8 @@ def squared_norms(ios: list[LayerIO], names: dict[int, str]) -> dict[str, torch.
     contribution that is mostly rounding error: with the float32 ghost norm, one such
     sample moved the clipped sum by ``10·C`` to ``22·C``. So every norm is at least
     ``M / MAX_CANCELLATION``: the factor is then at most ``C·MAX_CANCELLATION / M``, and
-    the formula's rounding (float64 for the signed Gram sums, ``≤ 1e-9`` relative at that
-    cancellation) is below ``C·1e-6``. The float32 clipped sum rounds the sample's ``T``
+    the formula's rounding is small against the norm (the signed Gram sums run in
+    float64: ``linear.norm_formulas`` bounds it). The float32 clipped sum rounds the sample's ``T``
     position terms as they are accumulated: each rounding is at most ``2^-24·f·M ≤
     6e-5·C``, but ``T`` of them can add up coherently (``docs/robustness.md``, known
     limits: a narrow Linear in mode ``"ghost"`` at ``T`` in the thousands; ``"auto"``

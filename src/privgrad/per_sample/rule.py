@@ -44,6 +44,10 @@ NormFormulasFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, dic
 each trainable parameter's squared per-sample norms, cheapest-to-state first (a tie in
 cost goes to the first listed)."""
 
+FLOAT64_COST = 2
+"""How many float32 multiply-adds a float64 one is counted as in ``Formula.flops`` and
+``Formula.memory`` (a CPU's vector units do half as many)."""
+
 MassesFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, Formula]]
 """``(module, A, G) -> {param attribute: Formula}``: each trainable parameter's per-sample
 *mass*, an upper bound on the per-sample gradient's norm computed without cancellation

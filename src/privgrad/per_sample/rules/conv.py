@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privgrad.per_sample import chunks
-from privgrad.per_sample.rule import Formula, LayerRule, trainable
+from privgrad.per_sample.rule import FLOAT64_COST, Formula, LayerRule, trainable
 
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -257,12 +257,12 @@ def norm_formulas(
     * ``materialized``: the per-sample gradient (as ``_weight_grads`` forms it), ``L·d·p``.
 
     ``ghost`` and ``gram`` sum ``L²`` signed terms and run in float64, their costs counted
-    ``chunks.FLOAT64_COST`` times (``linear.norm_formulas`` says why).
+    ``rule.FLOAT64_COST`` times (``linear.norm_formulas`` says why).
 
     Returns:
         ``{"weight": {...}, "bias": {...}}``, trainable parameters only.
     """
-    g, wide = module.groups, chunks.FLOAT64_COST
+    g, x64 = module.groups, FLOAT64_COST
     L, d, p = math.prod(G.shape[2:]), module.weight[0].numel(), module.out_channels // g
     padded = [size + lo + hi for size, (lo, hi) in zip(A.shape[2:], _pads(module), strict=True)]
     P, c = math.prod(padded), module.in_channels // g
@@ -288,11 +288,11 @@ def norm_formulas(
     out = {}
     if trainable(module.weight):
         out["weight"] = {
-            "ghost": Formula(ghost, wide * g * L * L * (d + p),
-                             wide * g * (d * L + 2 * L * L), ghost=True),
-            "gram": Formula(gram, wide * g * (P * P * (c + sum(k - 1 for k in module.kernel_size))
-                                              + L * L * (p + 1)),
-                            wide * (2 * g * P * P + module.in_channels * P), ghost=True),
+            "ghost": Formula(ghost, x64 * g * L * L * (d + p),
+                             x64 * g * (d * L + 2 * L * L), ghost=True),
+            "gram": Formula(gram, x64 * g * (P * P * (c + sum(k - 1 for k in module.kernel_size))
+                                             + L * L * (p + 1)),
+                            x64 * (2 * g * P * P + module.in_channels * P), ghost=True),
             "materialized": Formula(materialized, g * L * d * p, g * (d * L + p * d),
                                     ghost=False),
         }
@@ -306,7 +306,8 @@ def masses(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[str, Formula
     """``{"weight": Formula}``: ``Σ_{group, o} ‖patch_o‖·‖g_o‖`` per sample, float64.
 
     ``patch_o`` is the input patch output position ``o`` reads within the group (its
-    squared norm is the convolution of the squared padded input with a kernel of ones)
+    squared norm: the padded input's squares summed over the group's channels, then over
+    the kernel window by a one-channel convolution with a kernel of ones)
     and ``g_o`` the group's output gradient there: a bound on the weight gradient's norm
     without cancellation (``rule.MassesFn``). The bias is left out: its norm is taken of
     the per-sample sum that ``clipped_sum`` adds up.
@@ -320,10 +321,9 @@ def masses(module: _Conv, A: torch.Tensor, G: torch.Tensor) -> dict[str, Formula
     def weight(s: slice) -> torch.Tensor:
         X = _fully_padded(module, A[s])
         b = X.shape[0]
-        # squares summed over each group's channels first, then over the kernel window
         sq = X.square().reshape(b, g, module.in_channels // g, *X.shape[2:]).sum(2)
         patches = conv(sq, ones, stride=module.stride, dilation=module.dilation, groups=g)
-        # square-then-sum: torch's vector_norm over a middle dimension is 12x slower
+        # squares then a sum: vector_norm over a middle dimension is many times slower
         Gs = G[s].reshape(b, g, module.out_channels // g, -1)
         outs = Gs.to(chunks.accumulation_dtype(Gs.dtype)).square().sum(2).sqrt_()
         return (patches.reshape(b, g, -1).clamp_(min=0).sqrt_().double() * outs.double()).sum(

@@ -54,9 +54,11 @@ def norm_formulas(
 
     def rows(s: slice) -> torch.Tensor:
         uniq, summed = _summed_rows(module, A[s], G[s])
-        sq = summed.new_zeros(A[s].shape[0], dtype=torch.float64)  # up to T terms a sample:
-        sq.index_add_(0, torch.div(uniq, V, rounding_mode="floor"),  # float32 could round
-                      summed.square().sum(1, dtype=torch.float64))  # each one down
+        # a row's D squares are summed pairwise in float32; a sample's up to T rows are
+        # added in float64, where float32 could round each one down
+        sq = summed.new_zeros(A[s].shape[0], dtype=torch.float64)
+        sq.index_add_(0, torch.div(uniq, V, rounding_mode="floor"),
+                      summed.square().sum(1).double())
         return sq
 
     # One pass over the sample's T rows; the whole batch at once (its sort is global).
@@ -95,7 +97,7 @@ def clipped_sum(
     uniq, summed = _summed_rows(module, A, G)
     f = factors["weight"].to(summed.dtype)[torch.div(uniq, V, rounding_mode="floor")]
     out = summed.new_zeros(V, module.embedding_dim)
-    out.index_add_(0, uniq % V, summed * f.unsqueeze(1))
+    out.index_add_(0, uniq % V, summed.mul_(f.unsqueeze(1)))  # summed is ours
     return {"weight": out}
 
 
